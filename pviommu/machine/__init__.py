@@ -1,0 +1,1 @@
+"""Launching QEMU Arm virt machines: topology, DTB, guest image, process control."""

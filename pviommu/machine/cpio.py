@@ -1,0 +1,62 @@
+"""A writer for the newc ("070701") cpio format the Linux initramfs uses."""
+
+from __future__ import annotations
+
+import stat
+from typing import BinaryIO
+
+_MAGIC = b"070701"
+_TRAILER = "TRAILER!!!"
+
+
+def _pad4(n: int) -> bytes:
+    return b"\0" * (-n % 4)
+
+
+class CpioWriter:
+    """Writes newc cpio entries to a binary stream.
+
+    Parent directories are not created implicitly: add them first, the kernel
+    does not create them while unpacking.
+    """
+
+    def __init__(self, out: BinaryIO) -> None:
+        self._out = out
+        self._ino = 1
+        self._closed = False
+
+    def _entry(self, name: str, mode: int, data: bytes = b"", *, nlink: int = 1,
+               rdev: tuple[int, int] = (0, 0), mtime: int = 0) -> None:
+        if self._closed:
+            raise ValueError("cpio archive already closed")
+        encoded = name.lstrip("/").encode() + b"\0"
+        fields = (
+            self._ino, mode, 0, 0, nlink, mtime, len(data),
+            0, 0, rdev[0], rdev[1], len(encoded), 0,
+        )
+        header = _MAGIC + b"".join(b"%08X" % f for f in fields)
+        self._out.write(header + encoded + _pad4(len(header) + len(encoded)))
+        self._out.write(data + _pad4(len(data)))
+        self._ino += 1
+
+    def add_dir(self, path: str, perm: int = 0o755) -> None:
+        """Adds a directory."""
+        self._entry(path, stat.S_IFDIR | perm, nlink=2)
+
+    def add_file(self, path: str, data: bytes, perm: int = 0o644) -> None:
+        """Adds a regular file with the given contents."""
+        self._entry(path, stat.S_IFREG | perm, data)
+
+    def add_symlink(self, path: str, target: str) -> None:
+        """Adds a symbolic link to target."""
+        self._entry(path, stat.S_IFLNK | 0o777, target.encode())
+
+    def add_chardev(self, path: str, major: int, minor: int, perm: int = 0o600) -> None:
+        """Adds a character device node (e.g. /dev/console 5:1)."""
+        self._entry(path, stat.S_IFCHR | perm, rdev=(major, minor))
+
+    def close(self) -> None:
+        """Writes the trailer entry; no entries may follow."""
+        if not self._closed:
+            self._entry(_TRAILER, 0)
+            self._closed = True

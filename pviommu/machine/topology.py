@@ -1,0 +1,109 @@
+"""A machine topology and the QEMU command line that builds it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def pci_rid(addr: str, bus: int = 0) -> int:
+    """The requester ID (= IOMMU endpoint ID) of a PCI address "DEV.FN" on ``bus``."""
+    dev, _, fn = addr.partition(".")
+    return (bus << 8) | (int(dev, 16) << 3) | int(fn or "0", 16)
+
+
+@dataclass
+class Device:
+    """A device on the machine's root PCI bus at ``addr`` ("DEV.FN")."""
+
+    addr: str
+    id: str
+
+    @property
+    def endpoint_id(self) -> int:
+        """The IOMMU endpoint ID of the device (its PCI requester ID)."""
+        return pci_rid(self.addr)
+
+    def qemu_args(self) -> list[str]:
+        """The QEMU options that create this device."""
+        raise NotImplementedError
+
+
+@dataclass
+class VirtioIommuPci(Device):
+    """QEMU's built-in virtio-iommu-pci (the anchor the PV-IOMMU is measured against)."""
+
+    addr: str = "1.0"
+    id: str = "viommu"
+
+    def qemu_args(self) -> list[str]:
+        return ["-device", f"virtio-iommu-pci,id={self.id},addr={self.addr}"]
+
+
+@dataclass
+class VirtioBlkPci(Device):
+    """QEMU's built-in virtio-blk-pci backed by a raw image file."""
+
+    image: Path = Path()
+    addr: str = "2.0"
+    id: str = "blk0"
+
+    def qemu_args(self) -> list[str]:
+        return [
+            "-blockdev",
+            f"driver=file,filename={self.image},node-name={self.id}-file,cache.direct=off",
+            "-blockdev", f"driver=raw,file={self.id}-file,node-name={self.id}-fmt",
+            "-device", f"virtio-blk-pci,id={self.id},drive={self.id}-fmt,addr={self.addr}",
+        ]
+
+
+@dataclass
+class Topology:
+    """An Arm virt machine: CPU, memory, guest boot files and PCI devices."""
+
+    kernel: Path
+    initrd: Path
+    append: str = "console=ttyAMA0 panic=-1 quiet"
+    memory_mb: int = 1024
+    smp: int = 2
+    cpu: str = "max"
+    gic_version: int = 3
+    devices: list[Device] = field(default_factory=list)
+    dtb: Path | None = None
+
+    def machine_option(self, dumpdtb: Path | None = None) -> str:
+        """The value of -machine."""
+        opt = f"virt,gic-version={self.gic_version},memory-backend=mem"
+        if dumpdtb is not None:
+            opt += f",dumpdtb={dumpdtb}"
+        return opt
+
+    def command_line(self, qemu: Path, qmp_socket: Path | None = None,
+                     dumpdtb: Path | None = None) -> list[str]:
+        """The full QEMU argv: serial console on stdio, QMP on a UNIX socket.
+
+        Guest RAM is a shared memfd so that out-of-process devices can map it.
+        With ``dumpdtb`` QEMU writes its device tree to that file and exits.
+        """
+        argv = [
+            str(qemu),
+            "-machine", self.machine_option(dumpdtb),
+            "-cpu", self.cpu,
+            "-smp", str(self.smp),
+            "-m", f"{self.memory_mb}M",
+            "-object",
+            f"memory-backend-memfd,id=mem,size={self.memory_mb}M,share=on",
+            "-nodefaults", "-no-user-config", "-nic", "none",
+            "-display", "none", "-monitor", "none", "-serial", "stdio",
+            "-no-reboot",
+            "-kernel", str(self.kernel),
+            "-initrd", str(self.initrd),
+            "-append", self.append,
+        ]
+        if self.dtb is not None and dumpdtb is None:
+            argv += ["-dtb", str(self.dtb)]
+        if qmp_socket is not None:
+            argv += ["-qmp", f"unix:{qmp_socket},server=on,wait=off"]
+        for dev in self.devices:
+            argv += dev.qemu_args()
+        return argv

@@ -1,0 +1,30 @@
+"""The human-readable form of a demo report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A short summary of a demo report for a terminal."""
+    dma = report["dma"]
+    guest = report.get("guest", {})
+    lines = [
+        f"pviommu demo, mode {report['mode']}",
+        f"  guest booted in {report['timings']['boot_s']:.1f}s, "
+        f"whole run {report['timings']['total_s']:.1f}s",
+        f"  disk {guest.get('disk_pci', '?')} in IOMMU group {guest.get('iommu_group')}",
+        f"  DMA read  {_mib(dma['bytes_read'])}: sha256 "
+        f"{'matches' if dma['read']['ok'] else 'DIFFERS from'} the host's",
+        f"  DMA write {_mib(dma['bytes_written'])}: sha256 "
+        f"{'matches' if dma['write']['ok'] else 'DIFFERS from'} the image's",
+        f"  faults: {len(report['faults'])}",
+    ]
+    lines += [f"    {f['source']}: {f['guest_log']}" for f in report["faults"]]
+    lines.append(f"  checksums_ok: {str(dma['checksums_ok']).lower()}")
+    lines.append(f"  console log: {report['logs']['console']}")
+    return "\n".join(lines)
