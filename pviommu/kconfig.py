@@ -38,10 +38,7 @@ class Problem:
     actual: str
 
     def __str__(self) -> str:
-        if self.actual == "n":
-            state = "missing (not set)"
-        else:
-            state = f"is {self.actual}"
+        state = "missing (not set)" if self.actual == "n" else f"is {self.actual}"
         return f"{self.option}: {state}, needs {self.wanted}"
 
 

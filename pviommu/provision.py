@@ -41,7 +41,8 @@ def _run_script(name: str, *, capture: bool = True) -> str:
         stdout=subprocess.PIPE if capture else None, stderr=sys.stderr,
     )
     if proc.returncode != 0:
-        raise ProvisionError(f"{script.name} failed (exit {proc.returncode}); see the messages above")
+        raise ProvisionError(
+            f"{script.name} failed (exit {proc.returncode}); see the messages above")
     return proc.stdout or ""
 
 

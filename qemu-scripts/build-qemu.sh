@@ -27,7 +27,7 @@ for full in "${VERSIONS[@]}"; do
     private_apt_init "$work/apt" "$(dpkg --print-architecture)" \
         "deb-src [signed-by=$DEBIAN_KEYRING] $DEBIAN_MIRROR sid main"
     if APT_CONFIG="$work/apt/apt.conf" apt-get -q update >&2 &&
-       (cd "$work" && APT_CONFIG="$work/apt/apt.conf" apt-get -q source --download-only "qemu=$full" >&2); then
+       (cd "$work" && APT_CONFIG="$work/apt/apt.conf" apt-get source --download-only "qemu=$full" >&2); then
         got=$full
         break
     fi

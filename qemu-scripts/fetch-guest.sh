@@ -49,7 +49,7 @@ ver=${kpkg#linux-image-}; ver=${ver%-unsigned}
 dl="$guest/downloads"
 mkdir -p "$dl"
 step "downloading $kpkg and busybox-static (arm64)"
-(cd "$dl" && apt-get -q download "$kpkg" busybox-static >&2) || die "download of $kpkg / busybox-static failed"
+(cd "$dl" && apt-get download "$kpkg" busybox-static >&2) || die "download of $kpkg / busybox-static failed"
 
 kdir="$guest/kernel/$ver"
 rm -rf "$kdir" "$guest/busybox"

@@ -6,7 +6,8 @@ import re
 
 # drivers/iommu/virtio-iommu.c: "<reason> fault from EP <id>[ at <addr> [RWX]]"
 _VIOMMU_FAULT = re.compile(
-    r"(?P<reason>\w+) fault from EP (?P<ep>\d+)(?: at (?P<addr>0x[0-9a-fA-F]+) \[(?P<acc>[RWX]*)\])?")
+    r"(?P<reason>\w+) fault from EP (?P<ep>\d+)"
+    r"(?: at (?P<addr>0x[0-9a-fA-F]+) \[(?P<acc>[RWX]*)\])?")
 
 _ACCESS = {"R": "read", "W": "write", "X": "exec"}
 

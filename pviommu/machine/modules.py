@@ -6,6 +6,7 @@ the ``depends=`` entry of each module's ``.modinfo`` ELF section.
 
 from __future__ import annotations
 
+import gzip
 import io
 import lzma
 from dataclasses import dataclass
@@ -29,8 +30,6 @@ def read_ko(path: Path) -> bytes:
     if path.name.endswith(".xz"):
         return lzma.decompress(data)
     if path.name.endswith(".gz"):
-        import gzip
-
         return gzip.decompress(data)
     return data
 

@@ -53,7 +53,8 @@ class VirtioBlkPci(Device):
             "-blockdev",
             f"driver=file,filename={self.image},node-name={self.id}-file,cache.direct=off",
             "-blockdev", f"driver=raw,file={self.id}-file,node-name={self.id}-fmt",
-            "-device", f"virtio-blk-pci,id={self.id},drive={self.id}-fmt,addr={self.addr}",
+            "-device", f"virtio-blk-pci,id={self.id},drive={self.id}-fmt,addr={self.addr},"
+            "disable-legacy=on",
         ]
 
 

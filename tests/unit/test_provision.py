@@ -1,0 +1,55 @@
+"""Finding QEMU: the override, the version and device checks."""
+
+import pytest
+
+from pviommu import provision
+
+
+def fake_qemu(tmp_path, version: str, devices: str = ""):
+    exe = tmp_path / "qemu-system-aarch64"
+    exe.write_text(f"""#!/bin/sh
+case "$1" in
+  --version) echo "QEMU emulator version {version}";;
+  *) printf '%s\\n' {devices!r};;
+esac
+""")
+    exe.chmod(0o755)
+    return exe
+
+
+def test_override_that_is_not_there_names_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setenv("PVIOMMU_QEMU", str(tmp_path / "missing"))
+    with pytest.raises(provision.ProvisionError, match="not an executable.*Unset it"):
+        provision.find_qemu(build=False)
+
+
+def test_old_qemu_is_refused_with_its_problems(monkeypatch, tmp_path):
+    monkeypatch.setenv("PVIOMMU_QEMU", str(fake_qemu(tmp_path, "10.0.3")))
+    with pytest.raises(provision.ProvisionError) as exc:
+        provision.find_qemu(build=False)
+    msg = str(exc.value)
+    assert "version 10.0.3 < 10.2" in msg
+    assert "no vhost-user-test-device-pci device" in msg and "no vfio-user-pci device" in msg
+
+
+def test_override_that_fits_is_used(monkeypatch, tmp_path):
+    devices = 'name "vhost-user-test-device-pci"\nname "vfio-user-pci"'
+    exe = fake_qemu(tmp_path, "10.2.2", devices)
+    monkeypatch.setenv("PVIOMMU_QEMU", str(exe))
+    assert provision.find_qemu(build=False) == exe
+
+
+def test_provisioned_qemu_has_what_pviommu_needs(qemu):
+    assert provision.qemu_problems(qemu) == []
+    assert provision.qemu_version(qemu)[:2] >= (10, 2)
+
+
+def test_kernel_without_modules_is_refused(tmp_path):
+    with pytest.raises(provision.ProvisionError, match="go together"):
+        provision.fetch_guest(kernel=tmp_path / "Image")
+
+
+def test_cache_dir_follows_xdg(monkeypatch, tmp_path):
+    monkeypatch.delenv("PVIOMMU_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert provision.cache_dir() == tmp_path / "pviommu"
