@@ -57,7 +57,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         shutil.rmtree(workdir)
     if not args.json:
         print(f"pviommu: booting the {args.mode} demo (logs in {workdir})", file=sys.stderr)
-    report = asyncio.run(dma.run(qemu, assets, workdir, mode=args.mode))
+    try:
+        report = asyncio.run(dma.run(qemu, assets, workdir, mode=args.mode))
+    except (GuestFailed, GuestTimeout, QemuError) as exc:
+        raise type(exc)(f"{exc} (guest console log: {workdir / 'console.log'})") from exc
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0 if report["dma"]["checksums_ok"] else 1
 

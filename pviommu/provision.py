@@ -33,11 +33,11 @@ def cache_dir() -> Path:
     return Path(base) / "pviommu"
 
 
-def _run_script(name: str, *, capture: bool = True) -> str:
+def _run_script(name: str, *args: str, capture: bool = True) -> str:
     script = repo_path("qemu-scripts", name)
     env = dict(os.environ, PVIOMMU_CACHE=str(cache_dir()))
     proc = subprocess.run(
-        ["bash", str(script)], env=env, text=True,
+        ["bash", str(script), *args], env=env, text=True,
         stdout=subprocess.PIPE if capture else None, stderr=sys.stderr,
     )
     if proc.returncode != 0:
@@ -120,16 +120,16 @@ def fetch_guest(kernel: Path | None = None, modules: Path | None = None) -> Gues
     """
     if (kernel is None) != (modules is None):
         raise ProvisionError("--kernel and --modules go together: give both or neither")
-    paths = dict(
-        line.split("=", 1) for line in _run_script("fetch-guest.sh").splitlines() if "=" in line
-    )
-    busybox = Path(paths["BUSYBOX"])
-    if kernel is not None and modules is not None:
+    own = kernel is not None and modules is not None
+    if own:
         for p in (kernel, modules):
             if not p.exists():
                 raise ProvisionError(f"{p} does not exist")
-        config = modules / "config" if (modules / "config").exists() else None
-        return GuestAssets(kernel, modules, busybox, config)
+    output = _run_script("fetch-guest.sh", *(["--busybox-only"] if own else []))
+    paths = dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
+    busybox = Path(paths["BUSYBOX"])
+    if kernel is not None and modules is not None:
+        return GuestAssets(kernel, modules, busybox)
     return GuestAssets(Path(paths["KERNEL"]), Path(paths["MODULES"]), busybox,
                        Path(paths["CONFIG"]))
 

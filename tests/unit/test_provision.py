@@ -53,3 +53,15 @@ def test_cache_dir_follows_xdg(monkeypatch, tmp_path):
     monkeypatch.delenv("PVIOMMU_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert provision.cache_dir() == tmp_path / "pviommu"
+
+
+def test_own_kernel_and_modules_are_used(assets):
+    own = provision.fetch_guest(kernel=assets.kernel, modules=assets.modules)
+    assert (own.kernel, own.modules, own.busybox) == (assets.kernel, assets.modules,
+                                                      assets.busybox)
+    assert own.config is None
+
+
+def test_own_kernel_that_does_not_exist_is_named(tmp_path, assets):
+    with pytest.raises(provision.ProvisionError, match="Image does not exist"):
+        provision.fetch_guest(kernel=tmp_path / "Image", modules=assets.modules)
