@@ -1,8 +1,12 @@
 """Finding QEMU: the override, the version and device checks."""
 
+import os
+import subprocess
+
 import pytest
 
 from pviommu import provision
+from pviommu.resources import repo_path
 
 
 def fake_qemu(tmp_path, version: str, devices: str = ""):
@@ -65,3 +69,15 @@ def test_own_kernel_and_modules_are_used(assets):
 def test_own_kernel_that_does_not_exist_is_named(tmp_path, assets):
     with pytest.raises(provision.ProvisionError, match="Image does not exist"):
         provision.fetch_guest(kernel=tmp_path / "Image", modules=assets.modules)
+
+
+def test_build_script_tries_each_version_and_names_the_fix(tmp_path):
+    """Versions missing from the archive are skipped; the final error names the fix."""
+    env = dict(os.environ, PVIOMMU_CACHE=str(tmp_path),
+               PVIOMMU_QEMU_VERSIONS="1:0.0.1+ds-1 1:0.0.2+ds-1")
+    out = subprocess.run(["bash", str(repo_path("qemu-scripts", "build-qemu.sh"))],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0
+    assert out.stdout == ""
+    assert out.stderr.count("is not downloadable, trying the next version") == 2
+    assert "set PVIOMMU_QEMU_VERSIONS to one the archive has, or PVIOMMU_QEMU" in out.stderr
