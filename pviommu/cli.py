@@ -52,9 +52,10 @@ def cmd_check_kernel(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     qemu, assets = provision.setup(args.kernel, args.modules)
-    workdir = args.workdir or provision.cache_dir() / "runs" / "demo"
-    if workdir.exists():
-        shutil.rmtree(workdir)
+    workdir = args.workdir
+    if workdir is None:
+        workdir = provision.cache_dir() / "runs" / "demo"
+        shutil.rmtree(workdir, ignore_errors=True)  # ours alone: never a user's --workdir
     if not args.json:
         print(f"pviommu: booting the {args.mode} demo (logs in {workdir})", file=sys.stderr)
     try:
@@ -87,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=dma.MODES, default="builtin",
                    help="builtin: QEMU's virtio-iommu-pci + virtio-blk-pci (the anchor)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    p.add_argument("--workdir", type=Path, help="where the image and logs go "
-                                                "(default: CACHE/runs/demo, replaced each run)")
+    p.add_argument("--workdir", type=Path, help="where the image and logs go (created if needed; "
+                        "default: CACHE/runs/demo, replaced each run)")
     _add_guest_options(p)
     p.set_defaults(func=cmd_demo)
     return parser

@@ -100,22 +100,24 @@ async def run(qemu: Path, assets: GuestAssets, workdir: Path, *, mode: str = "bu
         exit_status = await vm.wait_exit(timeouts.shutdown)
         console = vm.console
 
+    if (failed := console.find("FAIL")) is not None:
+        raise GuestFailed(f"guest scenario failed: {failed.fields.get('reason', '?')}")
     read = console.find("READ")
     write = console.find("WRITE")
     group = console.find("IOMMU_GROUP")
     if read is None or write is None:
-        raise GuestFailed(f"guest did not report its DMA (rc={done.fields.get('rc')}); "
-                          f"console log: {workdir / 'console.log'}")
+        raise GuestFailed(f"guest did not report its DMA (rc={done.fields.get('rc')})")
+    guest_read_sha = read.fields.get("sha256", "")
+    guest_write_sha = write.fields.get("sha256", "")
     host_write_sha = _sha256_file_range(image, plan.write_offset, plan.write_bytes)
-    read_ok = read.fields["sha256"] == host_read_sha
-    write_ok = write.fields["sha256"] == host_write_sha
+    read_ok = guest_read_sha == host_read_sha
+    write_ok = guest_write_sha == host_write_sha
     report["dma"] = {
-        "bytes_read": int(read.fields["bytes"]),
-        "bytes_written": int(write.fields["bytes"]),
+        "bytes_read": int(read.fields.get("bytes", "0")),
+        "bytes_written": int(write.fields.get("bytes", "0")),
         "checksums_ok": read_ok and write_ok,
-        "read": {"guest_sha256": read.fields["sha256"], "host_sha256": host_read_sha,
-                 "ok": read_ok},
-        "write": {"guest_sha256": write.fields["sha256"], "host_sha256": host_write_sha,
+        "read": {"guest_sha256": guest_read_sha, "host_sha256": host_read_sha, "ok": read_ok},
+        "write": {"guest_sha256": guest_write_sha, "host_sha256": host_write_sha,
                   "ok": write_ok},
     }
     report["faults"] = guest_faults(console.lines)

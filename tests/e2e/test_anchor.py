@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from pviommu.machine.console import GuestTimeout
+from pviommu.machine.console import GuestFailed, GuestTimeout
 from pviommu.machine.guest_image import build_initramfs
 from pviommu.machine.qemu import QemuMachine
 from pviommu.machine.topology import Topology, VirtioBlkPci, VirtioIommuPci
@@ -37,6 +37,14 @@ async def test_guest_dma_through_builtin_virtio_iommu(qemu, assets, tmp_path):
         (0x1AF4, 0x1057), (0x1AF4, 0x1042)}  # virtio-iommu, virtio-blk (modern)
     assert report["qemu"]["exit_status"] == 0
     assert 0 < report["timings"]["boot_s"] < report["timings"]["total_s"]
+
+
+async def test_guest_failure_is_reported_with_its_reason(qemu, assets, tmp_path):
+    # the write lies past the end of the disk: the guest's dd fails
+    plan = dma.DmaPlan(image_bytes=16 << 20, read_bytes=1 << 20, write_offset=32 << 20,
+                       write_bytes=1 << 20)
+    with pytest.raises(GuestFailed, match="guest scenario failed: write"):
+        await dma.run(qemu, assets, tmp_path, plan=plan)
 
 
 def test_demo_json_cli(tmp_path):
