@@ -46,6 +46,13 @@ def _run_script(name: str, *args: str, capture: bool = True) -> str:
     return proc.stdout or ""
 
 
+def _script_paths(name: str, *args: str) -> dict[str, Path]:
+    """Runs a script that prints KEY=PATH lines and returns them."""
+    output = _run_script(name, *args)
+    return {k: Path(v) for k, _, v in (line.partition("=") for line in output.splitlines())
+            if v}
+
+
 def qemu_version(qemu: Path) -> tuple[int, int, int]:
     """The version of a qemu-system binary, e.g. (10, 2, 2)."""
     out = subprocess.run([str(qemu), "--version"], capture_output=True, text=True,
@@ -120,18 +127,14 @@ def fetch_guest(kernel: Path | None = None, modules: Path | None = None) -> Gues
     """
     if (kernel is None) != (modules is None):
         raise ProvisionError("--kernel and --modules go together: give both or neither")
-    own = kernel is not None and modules is not None
-    if own:
+    if kernel is not None and modules is not None:
         for p in (kernel, modules):
             if not p.exists():
                 raise ProvisionError(f"{p} does not exist")
-    output = _run_script("fetch-guest.sh", *(["--busybox-only"] if own else []))
-    paths = dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
-    busybox = Path(paths["BUSYBOX"])
-    if kernel is not None and modules is not None:
-        return GuestAssets(kernel, modules, busybox)
-    return GuestAssets(Path(paths["KERNEL"]), Path(paths["MODULES"]), busybox,
-                       Path(paths["CONFIG"]))
+        paths = _script_paths("fetch-guest.sh", "--busybox-only")
+        return GuestAssets(kernel, modules, paths["BUSYBOX"])
+    paths = _script_paths("fetch-guest.sh")
+    return GuestAssets(paths["KERNEL"], paths["MODULES"], paths["BUSYBOX"], paths["CONFIG"])
 
 
 def setup(kernel: Path | None = None, modules: Path | None = None) -> tuple[Path, GuestAssets]:

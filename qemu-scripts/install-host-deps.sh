@@ -20,10 +20,8 @@ missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
-if [ ${#missing[@]} -eq 0 ]; then
-    step "host packages: all present"
-    exit 0
-fi
+# Silent when nothing is missing: ./run and `pviommu setup` both call this.
+[ ${#missing[@]} -eq 0 ] && exit 0
 command -v apt-get >/dev/null || die "apt-get not found: install these packages by hand: ${missing[*]}"
 step "installing host packages with apt-get (changes the host): ${missing[*]}"
 as_root apt-get update -q
