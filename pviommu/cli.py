@@ -11,8 +11,11 @@ import sys
 from pathlib import Path
 
 from . import kconfig, provision
+from .backend import Backend, BackendConfig
+from .iommu.pv import IommuConfig, ResvRegion, ResvType
 from .machine.console import GuestFailed, GuestTimeout
 from .machine.qemu import QemuError
+from .machine.topology import pci_rid
 from .report import format_report
 from .scenarios import dma
 
@@ -66,6 +69,91 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if report["dma"]["checksums_ok"] else 1
 
 
+def _endpoint_id(text: str) -> int:
+    """An endpoint ID: a number (0x10, 16) or a PCI address ([BUS:]DEV.FN)."""
+    try:
+        if "." in text:
+            bus, _, devfn = text.rpartition(":")
+            return pci_rid(devfn, int(bus, 16) if bus else 0)
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a number nor a PCI address like 00:02.0") from None
+    if not 0 <= value <= 0xFFFFFFFF:
+        raise argparse.ArgumentTypeError(f"endpoint ID {text} does not fit in 32 bits")
+    return value
+
+
+def _range(text: str) -> tuple[int, int]:
+    """START:END (inclusive), numbers in any base Python accepts."""
+    try:
+        start, end = (int(x, 0) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not START:END") from None
+    if start > end:
+        raise argparse.ArgumentTypeError(f"{text}: start is above end")
+    return start, end
+
+
+def iommu_config(args: argparse.Namespace) -> IommuConfig:
+    """The PV-IOMMU configuration the serve/demo options describe."""
+    kwargs: dict = {"bypass": args.bypass, "bypass_config": not args.no_bypass_config,
+                    "mmio": args.mmio, "probe_size": args.probe_size,
+                    "page_size_mask": args.page_size_mask,
+                    "reserved": [ResvRegion(s, e, ResvType.RESERVED) for s, e in args.reserved]}
+    if args.input_range:
+        kwargs["input_start"], kwargs["input_end"] = args.input_range
+    if args.domain_range:
+        kwargs["domain_start"], kwargs["domain_end"] = args.domain_range
+    if args.no_msi_region:
+        kwargs["msi_doorbell"] = None
+    try:
+        return IommuConfig(**kwargs)
+    except ValueError as exc:
+        raise SystemExit(f"pviommu: error: {exc}") from None
+
+
+def _add_iommu_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("PV-IOMMU device")
+    g.add_argument("--page-size-mask", type=lambda t: int(t, 0), default=~0xFFF & (2**64 - 1),
+                   help="page_size_mask (default 0xfffffffffffff000: 4 KiB granule)")
+    g.add_argument("--input-range", type=_range, help="START:END of I/O virtual addresses "
+                   "(default: the whole 64-bit space)")
+    g.add_argument("--domain-range", type=_range, help="START:END of domain IDs "
+                   "(default 0:0xffffffff)")
+    g.add_argument("--probe-size", type=int, default=512, help="PROBE property buffer size")
+    g.add_argument("--bypass", action="store_true",
+                   help="unattached endpoints bypass translation until the driver says not")
+    g.add_argument("--no-bypass-config", action="store_true",
+                   help="do not offer VIRTIO_IOMMU_F_BYPASS_CONFIG (identity domains then "
+                        "arrive as MAP requests)")
+    g.add_argument("--mmio", action="store_true", help="offer VIRTIO_IOMMU_F_MMIO")
+    g.add_argument("--reserved", type=_range, action="append", default=[],
+                   metavar="START:END", help="an extra reserved region every endpoint reports "
+                                             "in PROBE (repeatable)")
+    g.add_argument("--no-msi-region", action="store_true",
+                   help="do not report the GICv3 ITS doorbell page as an MSI region")
+
+
+async def _serve(config: BackendConfig) -> None:
+    async with Backend(config) as backend:
+        print(f"pviommu: serving virtio-iommu on {config.viommu_socket}"
+              + (f", QMP on {config.qmp_socket}" if config.qmp_socket else ""),
+              file=sys.stderr, flush=True)
+        await backend.serve_forever()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = BackendConfig(viommu_socket=args.viommu, qmp_socket=args.qmp,
+                           endpoints=args.endpoint or None, iommu=iommu_config(args))
+    try:
+        asyncio.run(_serve(config))
+    except OSError as exc:
+        print(f"pviommu: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``pviommu`` command."""
     parser = argparse.ArgumentParser(
@@ -83,6 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fragment", help="the required options (default: guest-kernel-config/"
                                       "pviommu.config)")
     p.set_defaults(func=cmd_check_kernel)
+
+    p = sub.add_parser("serve", help="run the backend: a PV-IOMMU on a vhost-user socket")
+    p.add_argument("--viommu", type=Path, required=True, metavar="PATH",
+                   help="vhost-user socket for QEMU's vhost-user-test-device-pci")
+    p.add_argument("--qmp", type=Path, metavar="PATH", help="QMP socket of the backend")
+    p.add_argument("--endpoint", type=_endpoint_id, action="append", metavar="ID",
+                   help="endpoint ID (PCI RID, e.g. 0x10 or 00:02.0) of a device behind the "
+                        "IOMMU; repeatable. ATTACH of any other ID fails with NOENT. "
+                        "Without it every ID is accepted")
+    _add_iommu_options(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="boot a guest that does DMA through an IOMMU and report")
     p.add_argument("--mode", choices=dma.MODES, default="builtin",

@@ -41,6 +41,38 @@ class VirtioIommuPci(Device):
 
 
 @dataclass
+class VhostUserIommuPci(Device):
+    """The PV-IOMMU: QEMU's generic vhost-user device, served by the backend."""
+
+    socket: Path = Path()
+    addr: str = "1.0"
+    id: str = "viommu"
+
+    def qemu_args(self) -> list[str]:
+        return [
+            "-chardev", f"socket,id={self.id},path={self.socket}",
+            "-device", f"vhost-user-test-device-pci,id={self.id}-dev,chardev={self.id},"
+            f"virtio-id=23,num_vqs=2,config_size=40,addr={self.addr}",
+        ]
+
+
+@dataclass
+class VirtioRngPci(Device):
+    """QEMU's built-in virtio-rng-pci (modern only).
+
+    Behind the PV-IOMMU it is an endpoint the guest attaches (virtio_pci binds
+    to it) without DMA, as long as the guest does not load virtio_rng: QEMU
+    would take the guest's I/O virtual addresses for physical ones.
+    """
+
+    addr: str = "2.0"
+    id: str = "rng0"
+
+    def qemu_args(self) -> list[str]:
+        return ["-device", f"virtio-rng-pci,id={self.id},addr={self.addr},disable-legacy=on"]
+
+
+@dataclass
 class VirtioBlkPci(Device):
     """QEMU's built-in virtio-blk-pci backed by a raw image file."""
 

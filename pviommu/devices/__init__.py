@@ -1,0 +1,1 @@
+"""Device models (they see virtqueues and DMA spaces, never a transport)."""

@@ -1,0 +1,264 @@
+"""virtio-iommu (device id 23): the request queue's wire format and the event queue.
+
+The semantics live in :class:`~pviommu.iommu.pv.PvIommu`; this module parses
+requests out of descriptor chains, writes status tails and PROBE properties,
+and writes fault records into the driver's event buffers.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import struct
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..dma import Access, DmaFault, DmaSpace
+from ..iommu.pv import FaultReason, Negotiated, PvIommu, Status
+from ..virtio.device import VirtioDevice
+from ..virtio.features import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, bit
+from ..virtio.queue import Chain, SplitQueue, gather, scatter
+
+log = logging.getLogger(__name__)
+
+DEVICE_ID = 23
+REQUEST_QUEUE = 0
+EVENT_QUEUE = 1
+
+F_INPUT_RANGE = 0
+F_DOMAIN_RANGE = 1
+F_MAP_UNMAP = 2
+F_BYPASS = 3
+F_PROBE = 4
+F_MMIO = 5
+F_BYPASS_CONFIG = 6
+
+CONFIG = struct.Struct("<QQQIIIB3x")
+BYPASS_OFFSET = 36
+PROBE_T_RESV_MEM = 1
+RESV_MEM = struct.Struct("<HHB3xQQ")
+FAULT = struct.Struct("<B3xIII8x")
+FAULT_F_ADDRESS = 0x100
+FAULT_SIZE = 24
+TAIL_SIZE = 4
+
+_ATTACH = struct.Struct("<4xIII4s")
+_DETACH = struct.Struct("<4xII8x")
+_MAP = struct.Struct("<4xIQQQI")
+_UNMAP = struct.Struct("<4xIQQ4s")
+_PROBE = struct.Struct("<4xI64x")
+
+
+class RequestType(enum.IntEnum):
+    """virtio-iommu request types."""
+
+    ATTACH = 1
+    DETACH = 2
+    MAP = 3
+    UNMAP = 4
+    PROBE = 5
+
+
+_READABLE = {RequestType.ATTACH: _ATTACH.size, RequestType.DETACH: _DETACH.size,
+             RequestType.MAP: _MAP.size, RequestType.UNMAP: _UNMAP.size,
+             RequestType.PROBE: _PROBE.size}
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A fault to report: which endpoint, where, what kind of access, why."""
+
+    endpoint: int
+    address: int
+    access: Access
+    reason: FaultReason
+
+    @classmethod
+    def from_dma(cls, fault: DmaFault) -> Fault:
+        """The report of a failed translation."""
+        return cls(fault.endpoint or 0, fault.address, fault.access, FaultReason[fault.reason])
+
+    def record(self) -> bytes:
+        """The 24-byte ``virtio_iommu_fault`` record."""
+        flags = int(self.access) | FAULT_F_ADDRESS
+        head = FAULT.pack(self.reason, flags, self.endpoint, 0)
+        return head[:16] + self.address.to_bytes(8, "little")
+
+
+FaultListener = Callable[[Fault, bool], None]
+
+
+class VirtioIommu(VirtioDevice):
+    """The virtio-iommu device model over a :class:`PvIommu`."""
+
+    device_id = DEVICE_ID
+    num_queues = 2
+    name = "virtio-iommu"
+
+    def __init__(self, iommu: PvIommu) -> None:
+        super().__init__()
+        self.iommu = iommu
+        self.requests: Counter[tuple[str, str]] = Counter()
+        self.faults_reported = 0
+        self.faults_dropped = 0
+        self.fault_listeners: list[FaultListener] = []
+
+    # -- features and config --------------------------------------------------------
+
+    def offered_features(self) -> int:
+        cfg = self.iommu.config
+        features = (bit(F_VERSION_1) | bit(F_INDIRECT_DESC) | bit(F_EVENT_IDX)
+                    | bit(F_INPUT_RANGE) | bit(F_DOMAIN_RANGE) | bit(F_MAP_UNMAP)
+                    | bit(F_PROBE))
+        if cfg.bypass_config:
+            features |= bit(F_BYPASS_CONFIG)
+        if cfg.mmio:
+            features |= bit(F_MMIO)
+        return features
+
+    def set_driver_features(self, features: int) -> None:
+        super().set_driver_features(features)
+        self.iommu.negotiated = Negotiated(
+            map_unmap=self.has_feature(F_MAP_UNMAP),
+            bypass_config=self.has_feature(F_BYPASS_CONFIG),
+            mmio=self.has_feature(F_MMIO),
+            domain_range=self.has_feature(F_DOMAIN_RANGE),
+            input_range=self.has_feature(F_INPUT_RANGE))
+
+    def config_bytes(self) -> bytes:
+        cfg = self.iommu.config
+        return CONFIG.pack(cfg.page_size_mask, cfg.input_start, cfg.input_end,
+                           cfg.domain_start, cfg.domain_end, cfg.probe_size,
+                           int(self.iommu.bypass))
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        """Only ``bypass`` is writable, and only with BYPASS_CONFIG negotiated."""
+        current = self.config_bytes()
+        if offset < 0 or offset + len(data) > len(current):
+            raise ValueError(f"config write {offset}+{len(data)} outside {len(current)} bytes")
+        new = bytearray(current)
+        new[offset:offset + len(data)] = data
+        changed = [i for i in range(len(new)) if new[i] != current[i]]
+        if any(i != BYPASS_OFFSET for i in changed):
+            raise ValueError("driver wrote read-only virtio-iommu config fields")
+        if not changed:
+            return
+        if not self.has_feature(F_BYPASS_CONFIG):
+            raise ValueError("bypass written without VIRTIO_IOMMU_F_BYPASS_CONFIG")
+        value = new[BYPASS_OFFSET]
+        if value not in (0, 1):
+            raise ValueError(f"bypass value {value} is neither 0 nor 1")
+        self.iommu.bypass = bool(value)
+        log.info("global bypass %s", "on" if value else "off")
+
+    # -- queues ----------------------------------------------------------------------
+
+    def process(self, index: int, queue: SplitQueue) -> None:
+        if index != REQUEST_QUEUE:
+            return  # event buffers are consumed when a fault is reported
+        while (chain := queue.pop()) is not None:
+            queue.push(chain, self._request(queue.dma, chain))
+        self.interrupt(index)
+
+    def _request(self, dma: DmaSpace, chain: Chain) -> int:
+        """Executes one request; returns the number of bytes written."""
+        if chain.readable_len < 4 or chain.writable_len < TAIL_SIZE:
+            log.warning("request without a head or a tail (%d readable, %d writable bytes)",
+                        chain.readable_len, chain.writable_len)
+            self.requests[("MALFORMED", "NONE")] += 1
+            return 0
+        code = gather(dma, chain.readable, 0, 1)[0]
+        try:
+            rtype = RequestType(code)
+        except ValueError:
+            log.warning("unknown request type %d", code)
+            self.requests[(f"TYPE_{code}", "NONE")] += 1
+            return 0
+        if rtype == RequestType.PROBE and not self.has_feature(F_PROBE):
+            self.requests[(rtype.name, "NONE")] += 1
+            return 0
+        props = b""
+        expected_writable = TAIL_SIZE
+        if rtype == RequestType.PROBE:
+            expected_writable += self.iommu.config.probe_size
+        if chain.readable_len < _READABLE[rtype] or chain.writable_len != expected_writable:
+            status = Status.INVAL
+        else:
+            body = gather(dma, chain.readable, 0, _READABLE[rtype])
+            status, props = self._execute(rtype, body)
+        self.requests[(rtype.name, status.name)] += 1
+        if status != Status.OK:
+            log.debug("%s -> %s", rtype.name, status.name)
+        out = bytearray(chain.writable_len)
+        if status == Status.OK and props:
+            out[:len(props)] = props
+        out[-TAIL_SIZE] = status
+        scatter(dma, chain.writable, out)
+        return len(out)
+
+    def _execute(self, rtype: RequestType, body: bytes) -> tuple[Status, bytes]:
+        iommu = self.iommu
+        if rtype == RequestType.ATTACH:
+            domain, endpoint, flags, reserved = _ATTACH.unpack(body)
+            return iommu.attach(domain, endpoint, flags, reserved == bytes(4)), b""
+        if rtype == RequestType.DETACH:
+            domain, endpoint = _DETACH.unpack(body)
+            return iommu.detach(domain, endpoint), b""
+        if rtype == RequestType.MAP:
+            domain, vstart, vend, pstart, flags = _MAP.unpack(body)
+            return iommu.map(domain, vstart, vend, pstart, flags), b""
+        if rtype == RequestType.UNMAP:
+            domain, vstart, vend, _reserved = _UNMAP.unpack(body)
+            return iommu.unmap(domain, vstart, vend), b""
+        (endpoint,) = _PROBE.unpack(body)
+        status, regions = iommu.probe(endpoint)
+        props = b"".join(RESV_MEM.pack(PROBE_T_RESV_MEM, RESV_MEM.size - 4, r.subtype,
+                                       r.start, r.end) for r in regions)
+        return status, props
+
+    # -- faults ------------------------------------------------------------------------
+
+    def report_fault(self, fault: Fault) -> bool:
+        """Writes ``fault`` into the next event buffer and interrupts the driver.
+
+        Returns False, and counts the fault as dropped, when the driver has no
+        usable event buffer posted.
+        """
+        delivered = self._deliver(fault)
+        if delivered:
+            self.faults_reported += 1
+        else:
+            self.faults_dropped += 1
+        log.info("fault %s from endpoint %#x at %#x (%s): %s", fault.reason.name,
+                 fault.endpoint, fault.address, fault.access.name,
+                 "reported" if delivered else "dropped")
+        for listener in self.fault_listeners:
+            listener(fault, delivered)
+        return delivered
+
+    def _deliver(self, fault: Fault) -> bool:
+        queue = self.queues.get(EVENT_QUEUE)
+        if queue is None or self.needs_reset:
+            return False
+        try:
+            chain = queue.pop()
+            if chain is None:
+                return False
+            if chain.readable or chain.writable_len < FAULT_SIZE:
+                log.error("event buffer of %d writable bytes cannot hold a fault record",
+                          chain.writable_len)
+                queue.push(chain, 0)
+                self.interrupt(EVENT_QUEUE)
+                return False
+            scatter(queue.dma, chain.writable, fault.record())
+            queue.push(chain, FAULT_SIZE)
+        except Exception as e:  # noqa: BLE001 - any ring error breaks the device, not us
+            self.fail(EVENT_QUEUE, str(e))
+            return False
+        self.interrupt(EVENT_QUEUE)
+        return True
+
+    def on_reset(self, system: bool = False) -> None:
+        self.iommu.reset(system=system)
+        self.iommu.negotiated = Negotiated(mmio=self.iommu.config.mmio)

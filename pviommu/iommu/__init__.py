@@ -1,0 +1,1 @@
+"""IOMMU semantics: domains, mappings, translation, faults."""

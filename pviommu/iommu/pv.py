@@ -1,0 +1,336 @@
+"""The paravirtual IOMMU's semantics: endpoints, domains, mappings, translation.
+
+This is the virtio-iommu request semantics (virtio spec, IOMMU device) without
+the wire format: each operation validates its arguments in the order the spec's
+device requirements imply and returns a :class:`Status`. Nothing is changed by
+a request that fails.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from ..dma import Access, DmaFault
+from .mappings import MAP_F_MMIO, MAP_F_READ, MAP_F_WRITE, Mapping, MappingTree
+
+log = logging.getLogger(__name__)
+
+ATTACH_F_BYPASS = 1
+U64_MAX = (1 << 64) - 1
+U32_MAX = (1 << 32) - 1
+ITS_DOORBELL = (0x08090000, 0x0809FFFF)
+
+
+class Status(enum.IntEnum):
+    """virtio-iommu request status codes."""
+
+    OK = 0
+    IOERR = 1
+    UNSUPP = 2
+    DEVERR = 3
+    INVAL = 4
+    RANGE = 5
+    NOENT = 6
+    FAULT = 7
+    NOMEM = 8
+
+
+class ResvType(enum.IntEnum):
+    """RESV_MEM subtypes."""
+
+    RESERVED = 0
+    MSI = 1
+
+
+class FaultReason(enum.IntEnum):
+    """virtio-iommu fault reasons."""
+
+    UNKNOWN = 0
+    DOMAIN = 1
+    MAPPING = 2
+
+
+@dataclass(frozen=True)
+class ResvRegion:
+    """A reserved region ``[start, end]`` (inclusive) that the driver must not map."""
+
+    start: int
+    end: int
+    subtype: ResvType = ResvType.RESERVED
+
+
+@dataclass
+class IommuConfig:
+    """What the device presents: page sizes, ranges, bypass, reserved regions."""
+
+    page_size_mask: int = ~0xFFF & U64_MAX
+    input_start: int = 0
+    input_end: int = U64_MAX
+    domain_start: int = 0
+    domain_end: int = U32_MAX
+    probe_size: int = 512
+    bypass: bool = False
+    bypass_config: bool = True
+    mmio: bool = False
+    msi_doorbell: tuple[int, int] | None = ITS_DOORBELL
+    reserved: list[ResvRegion] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.page_size_mask & U64_MAX:
+            raise ValueError("page_size_mask needs at least one bit")
+        if not 0 <= self.input_start <= self.input_end <= U64_MAX:
+            raise ValueError("input range must be 0 <= start <= end < 2^64")
+        if not 0 <= self.domain_start <= self.domain_end <= U32_MAX:
+            raise ValueError("domain range must be 0 <= start <= end < 2^32")
+        if self.probe_size % 8 or self.probe_size < 0:
+            raise ValueError("probe_size must be a multiple of 8")
+        regions = self.resv_regions()
+        for r in regions:
+            if r.start > r.end:
+                raise ValueError(f"reserved region {r.start:#x}-{r.end:#x} is empty")
+        ordered = sorted(regions, key=lambda r: r.start)
+        for a, b in zip(ordered, ordered[1:], strict=False):
+            if a.end >= b.start:
+                raise ValueError(f"reserved regions {a.start:#x} and {b.start:#x} overlap")
+        if 24 * len(regions) > self.probe_size:
+            raise ValueError(f"{len(regions)} reserved regions do not fit in probe_size")
+
+    @property
+    def granule(self) -> int:
+        """The smallest page size."""
+        mask = self.page_size_mask & U64_MAX
+        return mask & -mask
+
+    def resv_regions(self) -> list[ResvRegion]:
+        """Every endpoint's reserved regions: the MSI doorbell, then the user's."""
+        out = []
+        if self.msi_doorbell is not None:
+            out.append(ResvRegion(*self.msi_doorbell, ResvType.MSI))
+        return out + list(self.reserved)
+
+
+@dataclass
+class Domain:
+    """A domain: its endpoints and, unless it is a bypass domain, its mappings."""
+
+    id: int
+    bypass: bool
+    endpoints: set[int] = field(default_factory=set)
+    mappings: MappingTree = field(default_factory=MappingTree)
+
+
+@dataclass
+class Endpoint:
+    """An endpoint (PCI requester ID) and the domain it is attached to."""
+
+    id: int
+    domain: int | None = None
+
+
+@dataclass(frozen=True)
+class Negotiated:
+    """The feature bits the driver accepted that change request semantics."""
+
+    map_unmap: bool = True
+    bypass_config: bool = True
+    mmio: bool = False
+    domain_range: bool = True
+    input_range: bool = True
+
+
+EventSink = Callable[[str, dict[str, int]], None]
+
+
+class PvIommu:
+    """Endpoints and domains of one PV-IOMMU.
+
+    ``endpoints`` lists the endpoint IDs that exist (ATTACH of another gets
+    NOENT); None means every ID exists. ``on_event`` hears ``attached`` and
+    ``detached`` with {domain, endpoint}.
+    """
+
+    def __init__(self, config: IommuConfig | None = None,
+                 endpoints: Iterable[int] | None = None,
+                 on_event: EventSink | None = None) -> None:
+        self.config = config or IommuConfig()
+        self.known = None if endpoints is None else set(endpoints)
+        self.on_event = on_event
+        self.endpoints: dict[int, Endpoint] = {}
+        self.domains: dict[int, Domain] = {}
+        self.negotiated = Negotiated(mmio=self.config.mmio)
+        self.bypass = self.config.bypass
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def reset(self, system: bool = False) -> None:
+        """Device reset: no domain, no attachment. A system reset also restores bypass."""
+        for ep in list(self.endpoints.values()):
+            if ep.domain is not None:
+                self._detach(ep)
+        self.domains.clear()
+        if system:
+            self.bypass = self.config.bypass
+
+    def endpoint_exists(self, endpoint: int) -> bool:
+        """Whether ``endpoint`` is an endpoint of this IOMMU."""
+        return self.known is None or endpoint in self.known
+
+    def _endpoint(self, endpoint: int) -> Endpoint:
+        ep = self.endpoints.get(endpoint)
+        if ep is None:
+            ep = self.endpoints[endpoint] = Endpoint(endpoint)
+        return ep
+
+    def _domain_in_range(self, domain: int) -> bool:
+        if not self.negotiated.domain_range:
+            return True
+        return self.config.domain_start <= domain <= self.config.domain_end
+
+    def _emit(self, event: str, domain: int, endpoint: int) -> None:
+        if self.on_event is not None:
+            self.on_event(event, {"domain": domain, "endpoint": endpoint})
+
+    # -- requests ---------------------------------------------------------------
+
+    def attach(self, domain: int, endpoint: int, flags: int, reserved_zero: bool = True
+               ) -> Status:
+        """ATTACH ``endpoint`` to ``domain`` (created if new)."""
+        allowed = ATTACH_F_BYPASS if self.negotiated.bypass_config else 0
+        if not reserved_zero or flags & ~allowed:
+            return Status.INVAL
+        if not self._domain_in_range(domain):
+            return Status.RANGE
+        if not self.endpoint_exists(endpoint):
+            return Status.NOENT
+        bypass = bool(flags & ATTACH_F_BYPASS)
+        dom = self.domains.get(domain)
+        if dom is not None and dom.bypass != bypass:
+            return Status.INVAL
+        ep = self._endpoint(endpoint)
+        if ep.domain == domain:
+            return Status.OK
+        if ep.domain is not None:
+            self._detach(ep)
+        if dom is None:
+            dom = self.domains[domain] = Domain(domain, bypass)
+        dom.endpoints.add(endpoint)
+        ep.domain = domain
+        log.info("endpoint %#x attached to domain %d%s", endpoint, domain,
+                 " (bypass)" if bypass else "")
+        self._emit("attached", domain, endpoint)
+        return Status.OK
+
+    def detach(self, domain: int, endpoint: int) -> Status:
+        """DETACH ``endpoint`` from ``domain``."""
+        if not self.endpoint_exists(endpoint):
+            return Status.NOENT
+        if not self._domain_in_range(domain):
+            return Status.RANGE
+        ep = self.endpoints.get(endpoint)
+        if ep is None or ep.domain != domain:
+            return Status.INVAL
+        self._detach(ep)
+        return Status.OK
+
+    def _detach(self, ep: Endpoint) -> None:
+        domain = ep.domain
+        assert domain is not None
+        dom = self.domains[domain]
+        dom.endpoints.discard(ep.id)
+        ep.domain = None
+        if not dom.endpoints:
+            # A domain without endpoints ceases to exist, mappings included.
+            del self.domains[domain]
+        log.info("endpoint %#x detached from domain %d", ep.id, domain)
+        self._emit("detached", domain, ep.id)
+
+    def map(self, domain: int, virt_start: int, virt_end: int, phys_start: int,
+            flags: int) -> Status:
+        """MAP ``[virt_start, virt_end]`` to ``phys_start`` in ``domain``."""
+        if not self.negotiated.map_unmap:
+            return Status.UNSUPP
+        allowed = MAP_F_READ | MAP_F_WRITE | (MAP_F_MMIO if self.negotiated.mmio else 0)
+        if flags & ~allowed:
+            return Status.INVAL
+        if not self._domain_in_range(domain):
+            return Status.RANGE
+        dom = self.domains.get(domain)
+        if dom is None:
+            return Status.NOENT
+        if dom.bypass:
+            return Status.INVAL
+        g = self.config.granule
+        if virt_start % g or phys_start % g or (virt_end + 1) % g:
+            return Status.RANGE
+        if virt_end < virt_start:
+            return Status.INVAL
+        if (self.negotiated.input_range
+                and not self.config.input_start <= virt_start <= virt_end
+                <= self.config.input_end):
+            return Status.RANGE
+        if phys_start + (virt_end - virt_start) > U64_MAX:
+            return Status.RANGE
+        if dom.mappings.overlaps(virt_start, virt_end):
+            return Status.INVAL
+        if any(r.start <= virt_end and virt_start <= r.end
+               for r in self.config.resv_regions()):
+            return Status.INVAL
+        dom.mappings.add(Mapping(virt_start, virt_end, phys_start, flags))
+        return Status.OK
+
+    def unmap(self, domain: int, virt_start: int, virt_end: int) -> Status:
+        """UNMAP every mapping inside ``[virt_start, virt_end]``; none if one would split."""
+        if not self.negotiated.map_unmap:
+            return Status.UNSUPP
+        if not self._domain_in_range(domain):
+            return Status.RANGE
+        dom = self.domains.get(domain)
+        if dom is None:
+            return Status.NOENT
+        if dom.bypass:
+            return Status.INVAL
+        if virt_end < virt_start:
+            return Status.INVAL
+        if dom.mappings.remove_range(virt_start, virt_end) is None:
+            return Status.RANGE
+        return Status.OK
+
+    def probe(self, endpoint: int) -> tuple[Status, list[ResvRegion]]:
+        """PROBE: the endpoint's reserved regions."""
+        if not self.endpoint_exists(endpoint):
+            return Status.NOENT, []
+        return Status.OK, self.config.resv_regions()
+
+    # -- translation --------------------------------------------------------------
+
+    def translate(self, endpoint: int, iova: int, length: int, access: Access
+                  ) -> list[tuple[int, int]]:
+        """The guest-physical pieces of ``[iova, iova+length)`` as seen by ``endpoint``.
+
+        Raises :class:`DmaFault` with the virtio-iommu reason if any byte fails.
+        """
+        if not self.endpoint_exists(endpoint):
+            raise DmaFault(iova, access, FaultReason.UNKNOWN.name, endpoint)
+        ep = self.endpoints.get(endpoint)
+        if ep is None or ep.domain is None:
+            if self.bypass and self.negotiated.bypass_config:
+                return [(iova, length)]
+            raise DmaFault(iova, access, FaultReason.DOMAIN.name, endpoint)
+        dom = self.domains[ep.domain]
+        if dom.bypass:
+            return [(iova, length)]
+        need = (MAP_F_WRITE if access & Access.WRITE else 0) | (
+            MAP_F_READ if access & (Access.READ | Access.EXEC) else 0)
+        out: list[tuple[int, int]] = []
+        addr, end = iova, iova + length
+        while addr < end:
+            m = dom.mappings.find(addr)
+            if m is None or m.flags & need != need:
+                raise DmaFault(addr, access, FaultReason.MAPPING.name, endpoint)
+            n = min(end, m.virt_end + 1) - addr
+            out.append((m.translate(addr), n))
+            addr += n
+        return out

@@ -1,0 +1,1 @@
+"""Transports that connect QEMU to the backend's devices."""

@@ -1,0 +1,516 @@
+"""A vhost-user back-end serving one virtio device model to QEMU over a UNIX socket.
+
+The transport negotiates features, maps guest memory, tracks the vrings and
+their eventfds, and hands started queues to the device. It never interprets
+what the device does with them. A malformed, unknown, unsupported or
+out-of-order message is logged and refused (a failure REPLY_ACK, or an empty
+reply for messages that always have one); it never takes the process down.
+When the frontend goes away the device is reset and the socket accepts the
+next frontend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ...memory import GuestMemory, MemoryAccessError, RegionSpec
+from ...virtio.device import VirtioDevice
+from ...virtio.features import F_ACCESS_PLATFORM, F_EVENT_IDX, F_INDIRECT_DESC, bit
+from ...virtio.queue import SplitQueue, VirtqueueError
+from . import protocol as p
+from .protocol import ProtocolFeature as PF
+from .protocol import Request as R
+
+log = logging.getLogger(__name__)
+
+_EVENT = (1).to_bytes(8, "little")
+
+# Requests whose reply is part of the protocol, whatever REPLY_ACK says.
+_HAS_REPLY = {R.GET_FEATURES, R.GET_PROTOCOL_FEATURES, R.GET_VRING_BASE, R.GET_QUEUE_NUM,
+              R.GET_CONFIG, R.GET_STATUS, R.GET_MAX_MEM_SLOTS}
+
+# Requests valid before SET_OWNER (QEMU asks for features first).
+_BEFORE_OWNER = {R.GET_FEATURES, R.SET_OWNER, R.GET_PROTOCOL_FEATURES,
+                 R.SET_PROTOCOL_FEATURES, R.GET_QUEUE_NUM}
+
+
+class Refused(Exception):
+    """The back-end refuses a message (logged, answered with a failure)."""
+
+
+@dataclass
+class Vring:
+    """The state of one vring as the frontend configured it."""
+
+    index: int
+    num: int = 0
+    flags: int = 0
+    desc: int = 0
+    used: int = 0
+    avail: int = 0
+    base: int = 0
+    kick: int | None = None
+    call: int | None = None
+    err: int | None = None
+    enabled: bool = False
+    started: bool = False
+
+    def close_fds(self) -> None:
+        """Closes the vring's eventfds."""
+        for name in ("kick", "call", "err"):
+            fd = getattr(self, name)
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                setattr(self, name, None)
+
+
+class VhostUserConnection:
+    """One frontend connection; also the device's :class:`VirtioTransport`."""
+
+    protocol_features = (bit(PF.MQ) | bit(PF.REPLY_ACK) | bit(PF.CONFIG)
+                         | bit(PF.RESET_DEVICE) | bit(PF.STATUS))
+
+    def __init__(self, device: VirtioDevice, sock: socket.socket,
+                 stats: Counter[str] | None = None) -> None:
+        self.device = device
+        self.sock = sock
+        self.memory = GuestMemory()
+        self.dma = device.bind_memory(self.memory)
+        self.rings = [Vring(i) for i in range(device.num_queues)]
+        self.owner = False
+        self.features = 0
+        self.acked_protocol_features = 0
+        self.backend_channel: socket.socket | None = None
+        self.stats: Counter[str] = stats if stats is not None else Counter()
+        self._loop = asyncio.get_running_loop()
+        if device.has_feature_offered(F_ACCESS_PLATFORM):
+            self.protocol_features |= bit(PF.BACKEND_REQ)
+        device.transport = self
+
+    # -- the message loop ---------------------------------------------------
+
+    async def serve(self) -> None:
+        """Handles messages until the frontend disconnects, then resets the device."""
+        try:
+            while True:
+                try:
+                    msg = await p.read_message(self.sock)
+                except EOFError:
+                    log.info("vhost-user frontend disconnected")
+                    return
+                except (p.ProtocolError, OSError) as e:
+                    log.error("vhost-user: %s; closing the connection", e)
+                    self.stats["protocol_errors"] += 1
+                    return
+                reply = self.handle(msg)
+                if reply is not None:
+                    await self._loop.sock_sendall(self.sock, reply)
+        finally:
+            self.close()
+
+    def handle(self, msg: p.Message) -> bytes | None:
+        """Processes one message and returns the bytes to send back, if any."""
+        self.stats[msg.name] += 1
+        handler = getattr(self, f"_do_{msg.name.lower()}", None)
+        try:
+            try:
+                if handler is None:
+                    raise Refused("unknown or unsupported request")
+                if not self.owner and msg.request not in _BEFORE_OWNER:
+                    raise Refused("sent before SET_OWNER")
+                payload = handler(msg)
+            finally:
+                p.close_fds(msg.fds)
+        except (Refused, ValueError, MemoryAccessError, VirtqueueError) as e:
+            log.error("vhost-user: refused %s: %s", msg.name, e)
+            self.stats["refused"] += 1
+            if msg.request in _HAS_REPLY:
+                return p.encode(msg.request, b"", reply=True)
+            if msg.need_reply and self._acked(PF.REPLY_ACK):
+                return p.encode(msg.request, p.U64.pack(1), reply=True)
+            return None
+        if payload is not None:
+            return p.encode(msg.request, payload, reply=True)
+        if msg.need_reply and self._acked(PF.REPLY_ACK):
+            return p.encode(msg.request, p.U64.pack(0), reply=True)
+        return None
+
+    def close(self) -> None:
+        """Drops every ring, fd and mapping, and resets the device."""
+        for ring in self.rings:
+            self._stop_ring(ring)
+            ring.close_fds()
+        self.device.reset(system=True)
+        if self.device.transport is self:
+            self.device.transport = None
+        self.memory.clear()
+        if self.backend_channel is not None:
+            self.backend_channel.close()
+            self.backend_channel = None
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    # -- VirtioTransport ----------------------------------------------------
+
+    def notify(self, queue: int) -> None:
+        """Signals the vring's call eventfd."""
+        self._signal(self.rings[queue].call)
+
+    def device_error(self, queue: int, reason: str) -> None:
+        """Signals the vring's error eventfd (QEMU logs a vring error)."""
+        self.stats["device_errors"] += 1
+        self._signal(self.rings[queue].err)
+
+    @staticmethod
+    def _signal(fd: int | None) -> None:
+        if fd is None:
+            return
+        with contextlib.suppress(BlockingIOError):
+            os.write(fd, _EVENT)
+
+    # -- helpers --------------------------------------------------------------
+
+    def _acked(self, feature: PF) -> bool:
+        return bool(self.acked_protocol_features & bit(feature))
+
+    def _require(self, feature: PF) -> None:
+        if not self._acked(feature):
+            raise Refused(f"protocol feature {feature.name} was not negotiated")
+
+    @staticmethod
+    def _payload(msg: p.Message, size: int) -> bytes:
+        if len(msg.payload) != size:
+            raise Refused(f"payload is {len(msg.payload)} bytes, expected {size}")
+        return msg.payload
+
+    def _no_fds(self, msg: p.Message) -> None:
+        if msg.fds:
+            raise Refused(f"{len(msg.fds)} unexpected file descriptors")
+
+    def _u64(self, msg: p.Message) -> int:
+        self._no_fds(msg)
+        return p.U64.unpack(self._payload(msg, 8))[0]
+
+    def _ring(self, index: int) -> Vring:
+        if not 0 <= index < len(self.rings):
+            raise Refused(f"vring {index} does not exist (the device has {len(self.rings)})")
+        return self.rings[index]
+
+    def _state(self, msg: p.Message) -> tuple[Vring, int]:
+        self._no_fds(msg)
+        index, num = p.VRING_STATE.unpack(self._payload(msg, 8))
+        return self._ring(index), num
+
+    def _stopped(self, ring: Vring, what: str) -> None:
+        if ring.started:
+            raise Refused(f"{what} of vring {ring.index} while it runs")
+
+    def offered_features(self) -> int:
+        """The feature bits GET_FEATURES reports."""
+        return self.device.offered_features() | bit(p.F_PROTOCOL_FEATURES)
+
+    # -- handlers -------------------------------------------------------------
+
+    def _do_get_features(self, msg: p.Message) -> bytes:
+        self._payload(msg, 0)
+        return p.U64.pack(self.offered_features())
+
+    def _do_set_features(self, msg: p.Message) -> None:
+        features = self._u64(msg)
+        extra = features & ~self.offered_features()
+        if extra:
+            raise Refused(f"features {extra:#x} were never offered")
+        self.device.set_driver_features(features & ~bit(p.F_PROTOCOL_FEATURES))
+        self.features = features
+        if not features & bit(p.F_PROTOCOL_FEATURES):
+            for ring in self.rings:
+                ring.enabled = True
+
+    def _do_set_owner(self, msg: p.Message) -> None:
+        self._no_fds(msg)
+        self._payload(msg, 0)
+        if self.owner:
+            raise Refused("the session already has an owner")
+        self.owner = True
+
+    def _do_reset_owner(self, msg: p.Message) -> None:
+        # Deprecated; the spec recommends ignoring it or disabling the rings.
+        for ring in self.rings:
+            ring.enabled = False
+
+    def _do_get_protocol_features(self, msg: p.Message) -> bytes:
+        self._payload(msg, 0)
+        return p.U64.pack(self.protocol_features)
+
+    def _do_set_protocol_features(self, msg: p.Message) -> None:
+        features = self._u64(msg)
+        extra = features & ~self.protocol_features
+        if extra:
+            raise Refused(f"protocol features {extra:#x} were never offered")
+        self.acked_protocol_features = features
+
+    def _do_get_queue_num(self, msg: p.Message) -> bytes:
+        self._require(PF.MQ)
+        self._payload(msg, 0)
+        return p.U64.pack(len(self.rings))
+
+    def _do_set_mem_table(self, msg: p.Message) -> None:
+        if len(msg.payload) < p.MEM_HEADER.size:
+            raise Refused("payload shorter than the region count")
+        n, _pad = p.MEM_HEADER.unpack_from(msg.payload)
+        if not 1 <= n <= p.MAX_MEM_REGIONS:
+            raise Refused(f"{n} memory regions (1..{p.MAX_MEM_REGIONS} allowed)")
+        self._payload(msg, p.MEM_HEADER.size + n * p.MEM_REGION.size)
+        if len(msg.fds) != n:
+            raise Refused(f"{n} memory regions but {len(msg.fds)} file descriptors")
+        specs = [RegionSpec(*p.MEM_REGION.unpack_from(msg.payload, 8 + i * p.MEM_REGION.size))
+                 for i in range(n)]
+        fds, msg.fds = list(msg.fds), []
+        self.memory.set_regions(specs, fds)
+        log.info("guest memory: %s", ", ".join(
+            f"gpa {s.gpa:#x} size {s.size:#x}" for s in specs))
+
+    def _do_set_vring_num(self, msg: p.Message) -> None:
+        ring, num = self._state(msg)
+        self._stopped(ring, "SET_VRING_NUM")
+        if num == 0 or num > 32768 or num & (num - 1):
+            raise Refused(f"vring size {num} is not a power of 2 up to 32768")
+        ring.num = num
+
+    def _do_set_vring_addr(self, msg: p.Message) -> None:
+        self._no_fds(msg)
+        index, flags, desc, used, avail, _log = p.VRING_ADDR.unpack(
+            self._payload(msg, p.VRING_ADDR.size))
+        ring = self._ring(index)
+        self._stopped(ring, "SET_VRING_ADDR")
+        if flags:
+            raise Refused(f"vring flags {flags:#x} (dirty logging) are not supported")
+        ring.desc, ring.used, ring.avail = desc, used, avail
+
+    def _do_set_vring_base(self, msg: p.Message) -> None:
+        ring, base = self._state(msg)
+        self._stopped(ring, "SET_VRING_BASE")
+        if base > 0xFFFF:
+            raise Refused(f"split vring base {base:#x} has reserved bits set")
+        ring.base = base
+
+    def _do_get_vring_base(self, msg: p.Message) -> bytes:
+        ring, _ = self._state(msg)
+        self._stop_ring(ring)
+        return p.VRING_STATE.pack(ring.index, ring.base)
+
+    def _vring_fd(self, msg: p.Message) -> tuple[Vring, int | None]:
+        value = p.U64.unpack(self._payload(msg, 8))[0]
+        if value & ~(p.VRING_IDX_MASK | p.VRING_NOFD_MASK):
+            raise Refused(f"reserved bits set in {value:#x}")
+        ring = self._ring(value & p.VRING_IDX_MASK)
+        if value & p.VRING_NOFD_MASK:
+            if msg.fds:
+                raise Refused("file descriptor passed with the invalid-fd flag")
+            return ring, None
+        if len(msg.fds) != 1:
+            raise Refused(f"expected one file descriptor, got {len(msg.fds)}")
+        fd = msg.fds.pop()
+        return ring, fd
+
+    def _do_set_vring_kick(self, msg: p.Message) -> None:
+        ring, fd = self._vring_fd(msg)
+        if fd is None:
+            raise Refused("polling mode (no kick fd) is not supported")
+        if ring.kick is not None:
+            self._loop.remove_reader(ring.kick)
+            os.close(ring.kick)
+        ring.kick = fd
+        os.set_blocking(fd, False)
+        self._loop.add_reader(fd, self._on_kick, ring)
+
+    def _do_set_vring_call(self, msg: p.Message) -> None:
+        ring, fd = self._vring_fd(msg)
+        if ring.call is not None:
+            os.close(ring.call)
+        ring.call = fd
+
+    def _do_set_vring_err(self, msg: p.Message) -> None:
+        ring, fd = self._vring_fd(msg)
+        if ring.err is not None:
+            os.close(ring.err)
+        ring.err = fd
+
+    def _do_set_vring_enable(self, msg: p.Message) -> None:
+        if not self.features & bit(p.F_PROTOCOL_FEATURES) and self.features:
+            raise Refused("VHOST_USER_F_PROTOCOL_FEATURES was not negotiated")
+        ring, enable = self._state(msg)
+        if enable not in (0, 1):
+            raise Refused(f"enable value {enable} is neither 0 nor 1")
+        ring.enabled = bool(enable)
+        if ring.enabled and ring.started:
+            self.device.kick(ring.index)
+
+    def _do_get_config(self, msg: p.Message) -> bytes:
+        self._require(PF.CONFIG)
+        self._no_fds(msg)
+        offset, size, flags = self._config_header(msg)
+        data = self.device.read_config(offset, size)
+        return p.CONFIG_HEADER.pack(offset, size, flags) + data
+
+    def _do_set_config(self, msg: p.Message) -> None:
+        self._require(PF.CONFIG)
+        self._no_fds(msg)
+        offset, size, flags = self._config_header(msg)
+        if flags != 0:
+            raise Refused(f"config flags {flags} (live migration) are not supported")
+        self.device.write_config(offset, msg.payload[p.CONFIG_HEADER.size:])
+
+    def _config_header(self, msg: p.Message) -> tuple[int, int, int]:
+        if len(msg.payload) < p.CONFIG_HEADER.size:
+            raise Refused("payload shorter than the config header")
+        offset, size, flags = p.CONFIG_HEADER.unpack_from(msg.payload)
+        if size > p.MAX_CONFIG_SIZE:
+            raise Refused(f"config size {size} exceeds {p.MAX_CONFIG_SIZE}")
+        self._payload(msg, p.CONFIG_HEADER.size + size)
+        return offset, size, flags
+
+    def _do_reset_device(self, msg: p.Message) -> None:
+        self._require(PF.RESET_DEVICE)
+        self._payload(msg, 0)
+        for ring in self.rings:
+            self._stop_ring(ring)
+            ring.enabled = False
+            ring.num = ring.base = ring.desc = ring.used = ring.avail = ring.flags = 0
+        self.device.reset()
+        self.features = 0
+
+    def _do_set_status(self, msg: p.Message) -> None:
+        self._require(PF.STATUS)
+        status = self._u64(msg)
+        if status > 0xFF:
+            raise Refused(f"status {status:#x} does not fit in 8 bits")
+        if status == 0:
+            self.device.status = 0
+        else:
+            self.device.status = status | (self.device.status & 0x40)
+
+    def _do_get_status(self, msg: p.Message) -> bytes:
+        self._require(PF.STATUS)
+        self._payload(msg, 0)
+        return p.U64.pack(self.device.status)
+
+    def _do_set_backend_req_fd(self, msg: p.Message) -> None:
+        self._require(PF.BACKEND_REQ)
+        self._payload(msg, 0)
+        if len(msg.fds) != 1:
+            raise Refused(f"expected one file descriptor, got {len(msg.fds)}")
+        if self.backend_channel is not None:
+            self.backend_channel.close()
+        self.backend_channel = socket.socket(fileno=msg.fds.pop())
+
+    # -- rings ---------------------------------------------------------------------
+
+    def _on_kick(self, ring: Vring) -> None:
+        try:
+            os.read(ring.kick, 8)  # type: ignore[arg-type]
+        except BlockingIOError:
+            return
+        except OSError as e:
+            log.error("vring %d: kick fd: %s", ring.index, e)
+            return
+        if not ring.started and not self._start_ring(ring):
+            return
+        if ring.enabled:
+            self.device.kick(ring.index)
+
+    def _start_ring(self, ring: Vring) -> bool:
+        try:
+            if ring.num == 0:
+                raise VirtqueueError("kicked before SET_VRING_NUM")
+            if self.device.has_feature(F_ACCESS_PLATFORM):
+                raise VirtqueueError("ring addresses are IOVAs; this device has no IOTLB")
+            size = ring.num
+            desc = self.memory.uaddr_to_gpa(ring.desc, 16 * size)
+            avail = self.memory.uaddr_to_gpa(ring.avail, 6 + 2 * size)
+            used = self.memory.uaddr_to_gpa(ring.used, 6 + 8 * size)
+            queue = SplitQueue(self.dma, size, desc, avail, used,
+                               event_idx=self.device.has_feature(F_EVENT_IDX),
+                               indirect=self.device.has_feature(F_INDIRECT_DESC),
+                               next_avail=ring.base)
+            self.device.start_queue(ring.index, queue)
+        except (VirtqueueError, MemoryAccessError, ValueError) as e:
+            log.error("vring %d cannot start: %s", ring.index, e)
+            self.device_error(ring.index, str(e))
+            return False
+        ring.started = True
+        return True
+
+    def _stop_ring(self, ring: Vring) -> None:
+        if ring.kick is not None and ring.started is False:
+            return
+        queue = self.device.stop_queue(ring.index)
+        if queue is not None:
+            ring.base = queue.next_avail
+        ring.started = False
+
+
+class VhostUserServer:
+    """Listens on a UNIX socket and serves ``device`` to one frontend at a time."""
+
+    def __init__(self, path: Path, device: VirtioDevice,
+                 on_connect: Callable[[VhostUserConnection], None] | None = None) -> None:
+        self.path = Path(path)
+        self.device = device
+        self.on_connect = on_connect
+        self.stats: Counter[str] = Counter()
+        self.connection: VhostUserConnection | None = None
+        self._listener: socket.socket | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._served: asyncio.Task[None] | None = None
+        self.connections = 0
+
+    async def start(self) -> None:
+        """Starts listening (a stale socket file is replaced)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(self.path))
+        sock.listen(4)
+        sock.setblocking(False)
+        self._listener = sock
+        self._task = asyncio.create_task(self._accept_loop())
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._listener is not None
+        while True:
+            conn, _ = await loop.sock_accept(self._listener)
+            conn.setblocking(False)
+            if self._served is not None and not self._served.done():
+                log.warning("vhost-user: %s already has a frontend; refusing another", self.path)
+                conn.close()
+                continue
+            self.connections += 1
+            log.info("vhost-user frontend %d connected on %s", self.connections, self.path)
+            self.connection = VhostUserConnection(self.device, conn, self.stats)
+            if self.on_connect is not None:
+                self.on_connect(self.connection)
+            self._served = asyncio.create_task(self.connection.serve())
+
+    async def close(self) -> None:
+        """Stops listening and drops the current frontend."""
+        for task in (self._task, self._served):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()

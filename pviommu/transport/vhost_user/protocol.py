@@ -1,0 +1,221 @@
+"""vhost-user wire format (QEMU docs/interop/vhost-user.rst): requests, header, payloads."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import os
+import socket
+import struct
+from dataclasses import dataclass, field
+
+VERSION = 0x1
+FLAG_VERSION_MASK = 0x3
+FLAG_REPLY = 0x4
+FLAG_NEED_REPLY = 0x8
+
+HEADER = struct.Struct("<III")
+U64 = struct.Struct("<Q")
+VRING_STATE = struct.Struct("<II")
+VRING_ADDR = struct.Struct("<IIQQQQ")
+MEM_HEADER = struct.Struct("<II")
+MEM_REGION = struct.Struct("<QQQQ")
+CONFIG_HEADER = struct.Struct("<III")
+IOTLB_MSG = struct.Struct("<QQQBB6x")
+
+MAX_MEM_REGIONS = 8
+MAX_CONFIG_SIZE = 256
+MAX_PAYLOAD = 4096
+MAX_FDS = 8
+
+VRING_IDX_MASK = 0xFF
+VRING_NOFD_MASK = 0x100
+
+F_PROTOCOL_FEATURES = 30
+
+
+class Request(enum.IntEnum):
+    """Front-end message types."""
+
+    GET_FEATURES = 1
+    SET_FEATURES = 2
+    SET_OWNER = 3
+    RESET_OWNER = 4
+    SET_MEM_TABLE = 5
+    SET_LOG_BASE = 6
+    SET_LOG_FD = 7
+    SET_VRING_NUM = 8
+    SET_VRING_ADDR = 9
+    SET_VRING_BASE = 10
+    GET_VRING_BASE = 11
+    SET_VRING_KICK = 12
+    SET_VRING_CALL = 13
+    SET_VRING_ERR = 14
+    GET_PROTOCOL_FEATURES = 15
+    SET_PROTOCOL_FEATURES = 16
+    GET_QUEUE_NUM = 17
+    SET_VRING_ENABLE = 18
+    SEND_RARP = 19
+    NET_SET_MTU = 20
+    SET_BACKEND_REQ_FD = 21
+    IOTLB_MSG = 22
+    SET_VRING_ENDIAN = 23
+    GET_CONFIG = 24
+    SET_CONFIG = 25
+    CREATE_CRYPTO_SESSION = 26
+    CLOSE_CRYPTO_SESSION = 27
+    POSTCOPY_ADVISE = 28
+    POSTCOPY_LISTEN = 29
+    POSTCOPY_END = 30
+    GET_INFLIGHT_FD = 31
+    SET_INFLIGHT_FD = 32
+    GPU_SET_SOCKET = 33
+    RESET_DEVICE = 34
+    VRING_KICK = 35
+    GET_MAX_MEM_SLOTS = 36
+    ADD_MEM_REG = 37
+    REM_MEM_REG = 38
+    SET_STATUS = 39
+    GET_STATUS = 40
+    GET_SHARED_OBJECT = 41
+    SET_DEVICE_STATE_FD = 42
+    CHECK_DEVICE_STATE = 43
+
+
+class BackendRequest(enum.IntEnum):
+    """Back-end message types (sent on the backend channel)."""
+
+    IOTLB_MSG = 1
+    CONFIG_CHANGE_MSG = 2
+    VRING_HOST_NOTIFIER_MSG = 3
+
+
+class ProtocolFeature(enum.IntEnum):
+    """Protocol feature bit numbers."""
+
+    MQ = 0
+    LOG_SHMFD = 1
+    RARP = 2
+    REPLY_ACK = 3
+    MTU = 4
+    BACKEND_REQ = 5
+    CROSS_ENDIAN = 6
+    CRYPTO_SESSION = 7
+    PAGEFAULT = 8
+    CONFIG = 9
+    BACKEND_SEND_FD = 10
+    HOST_NOTIFIER = 11
+    INFLIGHT_SHMFD = 12
+    RESET_DEVICE = 13
+    INBAND_NOTIFICATIONS = 14
+    CONFIGURE_MEM_SLOTS = 15
+    STATUS = 16
+    XEN_MMAP = 17
+    SHARED_OBJECT = 18
+    DEVICE_STATE = 19
+
+
+class IotlbType(enum.IntEnum):
+    """vhost_iotlb_msg types."""
+
+    MISS = 1
+    UPDATE = 2
+    INVALIDATE = 3
+    ACCESS_FAIL = 4
+
+
+def request_name(code: int) -> str:
+    """A readable name for a request code, known or not."""
+    try:
+        return Request(code).name
+    except ValueError:
+        return f"request {code}"
+
+
+@dataclass
+class Message:
+    """One received message: header fields, payload bytes, passed fds (owned)."""
+
+    request: int
+    flags: int
+    payload: bytes
+    fds: list[int] = field(default_factory=list)
+
+    @property
+    def need_reply(self) -> bool:
+        """Whether the sender asked for a REPLY_ACK."""
+        return bool(self.flags & FLAG_NEED_REPLY)
+
+    @property
+    def name(self) -> str:
+        """The request's name."""
+        return request_name(self.request)
+
+
+class ProtocolError(Exception):
+    """The peer sent something that cannot be parsed; the connection cannot continue."""
+
+
+def encode(request: int, payload: bytes = b"", *, reply: bool = False,
+           need_reply: bool = False) -> bytes:
+    """A complete message: header then payload."""
+    flags = VERSION | (FLAG_REPLY if reply else 0) | (FLAG_NEED_REPLY if need_reply else 0)
+    return HEADER.pack(request, flags, len(payload)) + payload
+
+
+async def _readable(sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+    loop.add_reader(sock.fileno(), lambda: fut.done() or fut.set_result(None))
+    try:
+        await fut
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
+async def _recv_exact(sock: socket.socket, n: int, fds: list[int] | None) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        try:
+            data, got, _flags, _addr = socket.recv_fds(sock, n - len(buf), MAX_FDS)
+        except (BlockingIOError, InterruptedError):
+            await _readable(sock)
+            continue
+        if fds is not None:
+            fds.extend(got)
+        else:
+            close_fds(list(got))
+        if not data:
+            raise EOFError("peer closed the connection")
+        buf += data
+    return bytes(buf)
+
+
+async def read_message(sock: socket.socket) -> Message:
+    """Reads one message from a non-blocking socket.
+
+    Raises EOFError when the peer closes, ProtocolError when the header is
+    unusable (the stream cannot be resynchronised after it).
+    """
+    fds: list[int] = []
+    try:
+        header = await _recv_exact(sock, HEADER.size, fds)
+        request, flags, size = HEADER.unpack(header)
+        if size > MAX_PAYLOAD:
+            raise ProtocolError(f"{request_name(request)}: payload of {size} bytes exceeds "
+                                f"the {MAX_PAYLOAD}-byte limit")
+        payload = await _recv_exact(sock, size, None) if size else b""
+    except BaseException:
+        close_fds(fds)
+        raise
+    return Message(request, flags, payload, fds)
+
+
+def close_fds(fds: list[int]) -> None:
+    """Closes every fd of ``fds`` and empties the list."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    fds.clear()
+

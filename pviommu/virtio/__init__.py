@@ -1,0 +1,1 @@
+"""Virtio: feature bits, split virtqueues over a DMA space, the device model base."""
