@@ -23,7 +23,7 @@ from ..machine.dtb import add_pci_iommu
 from ..machine.guest_image import build_initramfs
 from ..machine.guestlog import guest_faults
 from ..machine.qemu import QemuMachine, dump_dtb
-from ..machine.topology import VirtioRngPci, Topology, VhostUserIommuPci, pci_rid
+from ..machine.topology import Device, Topology, VhostUserIommuPci, VirtioRngPci, pci_rid
 from ..provision import GuestAssets
 from ..qmp.viommu import EVENT_FAULT
 
@@ -51,16 +51,35 @@ class PvOptions:
     step_timeout: float = 60
 
 
+def pci_name(rid: int) -> str:
+    """The guest's sysfs name of the function with requester ID ``rid`` on bus 0."""
+    return f"0000:{rid >> 8:02x}:{rid >> 3 & 0x1F:02x}.{rid & 7:x}"
+
+
+def pv_initramfs(out: Path, assets: GuestAssets, endpoint_pci: str, fault_wait: int
+                 ) -> list[Any]:
+    """The guest image of the pv-iommu scenario; returns the modules it loads.
+
+    ``fault_wait`` seconds the guest waits for a fault in its log (0: none).
+    """
+    return build_initramfs(out, busybox=assets.busybox, modules_dir=assets.modules,
+                           modules=["virtio_iommu"], scenario="pv-iommu",
+                           env={"ENDPOINT_PCI": endpoint_pci, "FAULT_WAIT": fault_wait})
+
+
 async def pv_topology(qemu: Path, assets: GuestAssets, initrd: Path, workdir: Path,
-                      socket: Path, append: str) -> Topology:
+                      socket: Path, append: str, endpoints: list[Device] | None = None
+                      ) -> Topology:
     """The PV topology with the device tree patched for the PV-IOMMU.
 
-    The backend must already listen on ``socket``: dumping the DTB realizes the
-    vhost-user device, which connects.
+    ``endpoints`` (default: a virtio-rng-pci at ENDPOINT_ADDR) sit behind the
+    IOMMU. The backend must already listen on ``socket``: dumping the DTB
+    realizes the vhost-user device, which connects.
     """
+    if endpoints is None:
+        endpoints = [VirtioRngPci(addr=ENDPOINT_ADDR)]
     topology = Topology(kernel=assets.kernel, initrd=initrd, append=append,
-                        devices=[VhostUserIommuPci(socket=socket, addr=IOMMU_ADDR),
-                                 VirtioRngPci(addr=ENDPOINT_ADDR)])
+                        devices=[VhostUserIommuPci(socket=socket, addr=IOMMU_ADDR), *endpoints])
     dtb = await dump_dtb(qemu, topology, workdir / "virt.dtb")
     patched = workdir / "virt-pv.dtb"
     patched.write_bytes(add_pci_iommu(dtb, iommu_rid=pci_rid(IOMMU_ADDR)))
@@ -77,10 +96,22 @@ async def backend_qmp(path: Path) -> tuple[QMPClient, EventListener]:
     return client, listener
 
 
+MAPPINGS_SHOWN = 32
+
+
 async def iommu_state(client: QMPClient) -> dict[str, Any]:
-    """The report's ``iommu`` section, asked of the backend over QMP."""
+    """The report's ``iommu`` section, asked of the backend over QMP.
+
+    ``mappings`` holds the first MAPPINGS_SHOWN mappings of each domain.
+    """
     stats = await client.execute("query-viommu-stats")
-    return {"domains": await client.execute("query-viommu-domains"),
+    domains = await client.execute("query-viommu-domains")
+    mappings = {}
+    for d in domains:
+        found = await client.execute("query-viommu-mappings", {"domain": d["id"]})
+        mappings[str(d["id"])] = found[:MAPPINGS_SHOWN]
+    return {"domains": domains,
+            "mappings": mappings,
             "endpoints": await client.execute("query-viommu-endpoints"),
             "requests": stats["requests"],
             "faults_reported": stats["faults-reported"],
@@ -94,13 +125,10 @@ async def run(qemu: Path, assets: GuestAssets, workdir: Path,
     t0 = time.monotonic()
     workdir.mkdir(parents=True, exist_ok=True)
     endpoint_id = pci_rid(ENDPOINT_ADDR)
-    endpoint_pci = f"0000:00:{endpoint_id >> 3:02x}.{endpoint_id & 7:x}"
+    endpoint_pci = pci_name(endpoint_id)
     initrd = workdir / "initramfs.cpio.gz"
-    modules = build_initramfs(
-        initrd, busybox=assets.busybox, modules_dir=assets.modules,
-        modules=["virtio_iommu"], scenario="pv-iommu",
-        env={"ENDPOINT_PCI": endpoint_pci,
-             "FAULT_WAIT": int(opts.step_timeout) if opts.fault else 0})
+    modules = pv_initramfs(initrd, assets, endpoint_pci,
+                           int(opts.step_timeout) if opts.fault else 0)
     append = "console=ttyAMA0 panic=-1 quiet"
     if opts.passthrough:
         append += " iommu.passthrough=1"

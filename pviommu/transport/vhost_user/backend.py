@@ -130,8 +130,11 @@ class VhostUserConnection:
                 payload = handler(msg)
             finally:
                 p.close_fds(msg.fds)
-        except (Refused, ValueError, MemoryAccessError, VirtqueueError) as e:
-            log.error("vhost-user: refused %s: %s", msg.name, e)
+        except Exception as e:
+            if isinstance(e, Refused | ValueError | MemoryAccessError | VirtqueueError | OSError):
+                log.error("vhost-user: refused %s: %s", msg.name, e)
+            else:  # a bug of ours: still refuse the message rather than drop the frontend
+                log.exception("vhost-user: internal error handling %s", msg.name)
             self.stats["refused"] += 1
             if msg.request in _HAS_REPLY:
                 return p.encode(msg.request, b"", reply=True)
@@ -148,6 +151,8 @@ class VhostUserConnection:
         """Drops every ring, fd and mapping, and resets the device."""
         for ring in self.rings:
             self._stop_ring(ring)
+            if ring.kick is not None:
+                self._loop.remove_reader(ring.kick)
             ring.close_fds()
         self.device.reset(system=True)
         if self.device.transport is self:
