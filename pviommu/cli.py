@@ -12,10 +12,13 @@ import signal
 import sys
 from pathlib import Path
 
+import libfdt
+
 from . import kconfig, provision
 from .backend import Backend, BackendConfig
 from .iommu.pv import IommuConfig, ResvRegion, ResvType
 from .machine.console import GuestFailed, GuestTimeout
+from .machine.dtb import DtbError, add_pci_iommu
 from .machine.qemu import QemuError
 from .machine.topology import pci_rid
 from .report import format_report
@@ -167,6 +170,21 @@ async def _serve(config: BackendConfig) -> None:
             await backend.serve_forever()
 
 
+def cmd_patch_dtb(args: argparse.Namespace) -> int:
+    try:
+        data = args.input.read_bytes()
+        args.output.write_bytes(add_pci_iommu(data, iommu_rid=args.iommu))
+    except OSError as exc:
+        print(f"pviommu: error: {exc}", file=sys.stderr)
+        return 1
+    except (DtbError, libfdt.FdtException) as exc:
+        print(f"pviommu: error: {args.input}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.output}: virtio-iommu at RID {args.iommu:#x}, iommu-map for the rest "
+          "of the bus")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     config = BackendConfig(viommu_socket=args.viommu, qmp_socket=args.qmp,
                            endpoints=args.endpoint or None, iommu=iommu_config(args))
@@ -206,6 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "Without it every ID is accepted")
     _add_iommu_options(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("patch-dtb", help="add the PV-IOMMU's iommu-map to a DTB QEMU dumped")
+    p.add_argument("input", type=Path, help="the DTB from -machine virt,dumpdtb=FILE")
+    p.add_argument("output", type=Path, help="the patched DTB, for -dtb")
+    p.add_argument("--iommu", type=_endpoint_id, default=0x8, metavar="ADDR",
+                   help="PCI address (or RID) of vhost-user-test-device-pci (default 00:01.0)")
+    p.set_defaults(func=cmd_patch_dtb)
 
     p = sub.add_parser("demo", help="boot a guest that does DMA through an IOMMU and report")
     p.add_argument("--mode", choices=DEMO_MODES, default="pv",
