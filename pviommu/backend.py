@@ -9,8 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .devices.viommu import VirtioIommu
+from .devices.viommu import Fault, VirtioIommu
+from .dma import DmaFault
+from .iommu.dma_space import DomainDma
 from .iommu.pv import IommuConfig, PvIommu
+from .memory import GuestMemory
 from .qmp.server import QmpServer
 from .qmp.viommu import ViommuCommands
 from .transport.vhost_user.backend import VhostUserServer
@@ -54,6 +57,14 @@ class Backend:
                                "messages-refused": self.vhost.stats["refused"],
                                "protocol-errors": self.vhost.stats["protocol_errors"],
                                "device-errors": self.vhost.stats["device_errors"]}}
+
+    def report_dma_fault(self, fault: DmaFault) -> None:
+        """The one fault path: a failed translation goes to the guest's event queue."""
+        self.device.report_fault(Fault.from_dma(fault))
+
+    def endpoint_dma(self, endpoint: int, memory: GuestMemory) -> DomainDma:
+        """The DMA space of ``endpoint``: translated by the PV-IOMMU, faults reported."""
+        return DomainDma(self.iommu, endpoint, memory, self.report_dma_fault)
 
     async def start(self) -> None:
         """Listens on the vhost-user socket and, if configured, the QMP socket."""

@@ -1,0 +1,53 @@
+"""The DMA space of an endpoint behind the PV-IOMMU.
+
+Every access is translated through the endpoint's domain before guest memory
+is touched; a failed translation is reported (to the guest's event queue, via
+``report``) and raised, so that the device completes its request with its own
+error status. Nothing outside the domain's mappings is read or written: all
+pieces of an access are translated first, then copied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..dma import Access, DmaFault
+from ..memory import GuestMemory
+from .pv import PvIommu
+
+FaultReport = Callable[[DmaFault], None]
+
+
+class DomainDma:
+    """What endpoint ``endpoint`` sees: I/O virtual addresses of its domain."""
+
+    def __init__(self, iommu: PvIommu, endpoint: int, memory: GuestMemory,
+                 report: FaultReport | None = None) -> None:
+        self.iommu = iommu
+        self.endpoint = endpoint
+        self.memory = memory
+        self.report = report
+
+    def _translate(self, addr: int, length: int, access: Access) -> list[tuple[int, int]]:
+        try:
+            return self.iommu.translate(self.endpoint, addr, length, access)
+        except DmaFault as fault:
+            if self.report is not None:
+                self.report(fault)
+            raise
+
+    def read(self, addr: int, length: int) -> bytes:
+        """Copies ``length`` bytes from I/O virtual address ``addr``."""
+        pieces = self._translate(addr, length, Access.READ)
+        views = [self.memory.view(gpa, n) for gpa, n in pieces]
+        return b"".join(views)
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        """Copies ``data`` to I/O virtual address ``addr``."""
+        pieces = self._translate(addr, len(data), Access.WRITE)
+        views = [self.memory.view(gpa, n) for gpa, n in pieces]
+        src = memoryview(data)
+        pos = 0
+        for view in views:
+            view[:] = src[pos:pos + len(view)]
+            pos += len(view)
