@@ -1,0 +1,66 @@
+"""The pviommu command's argument handling (serve, patch-dtb, PV-IOMMU options)."""
+
+import subprocess
+
+import libfdt
+import pytest
+
+from pviommu import cli
+from pviommu.iommu.pv import ResvType
+
+from .test_dtb import DTS
+
+
+def _parse(*argv):
+    return cli.build_parser().parse_args(list(argv))
+
+
+def test_endpoint_ids_take_numbers_and_pci_addresses():
+    args = _parse("serve", "--viommu", "s", "--endpoint", "0x10", "--endpoint", "00:03.1",
+                  "--endpoint", "24", "--endpoint", "1:00.0")
+    assert args.endpoint == [0x10, 0x19, 24, 0x100]
+
+
+@pytest.mark.parametrize("bad", ["zz", "0x100000000", "00:xx.0"])
+def test_bad_endpoint_ids_are_refused(bad, capsys):
+    with pytest.raises(SystemExit):
+        _parse("serve", "--viommu", "s", "--endpoint", bad)
+    assert "--endpoint" in capsys.readouterr().err
+
+
+def test_iommu_options_build_the_device_config():
+    args = _parse("serve", "--viommu", "s", "--input-range", "0x1000:0xffffffff",
+                  "--domain-range", "1:100", "--no-bypass-config", "--bypass",
+                  "--reserved", "0x100000:0x1fffff", "--probe-size", "256")
+    config = cli.iommu_config(args)
+    assert (config.input_start, config.input_end) == (0x1000, 0xFFFFFFFF)
+    assert (config.domain_start, config.domain_end) == (1, 100)
+    assert config.bypass and not config.bypass_config and config.probe_size == 256
+    assert [(r.start, r.end, r.subtype) for r in config.resv_regions()] == [
+        (0x08090000, 0x0809FFFF, ResvType.MSI), (0x100000, 0x1FFFFF, ResvType.RESERVED)]
+    args = _parse("serve", "--viommu", "s", "--no-msi-region")
+    assert cli.iommu_config(args).resv_regions() == []
+
+
+def test_inconsistent_iommu_options_are_a_clear_error():
+    args = _parse("serve", "--viommu", "s", "--reserved", "0x08090000:0x08090fff")
+    with pytest.raises(SystemExit, match="reserved regions .* overlap"):
+        cli.iommu_config(args)
+    with pytest.raises(SystemExit):
+        _parse("serve", "--viommu", "s", "--input-range", "0x2000:0x1000")
+
+
+def test_patch_dtb(tmp_path, capsys):
+    src = tmp_path / "t.dts"
+    src.write_text(DTS)
+    subprocess.run(["dtc", "-I", "dts", "-O", "dtb", "-o", tmp_path / "in.dtb", src],
+                   check=True)
+    assert cli.main(["patch-dtb", str(tmp_path / "in.dtb"), str(tmp_path / "out.dtb"),
+                     "--iommu", "00:01.0"]) == 0
+    fdt = libfdt.Fdt((tmp_path / "out.dtb").read_bytes())
+    node = fdt.path_offset("/pcie@10000000/virtio_iommu@1,0")
+    assert fdt.getprop(node, "reg")[:4] == (0x800).to_bytes(4, "big")
+    (tmp_path / "junk").write_bytes(b"not a dtb")
+    assert cli.main(["patch-dtb", str(tmp_path / "junk"), str(tmp_path / "o2")]) == 1
+    assert "FDT_ERR_BADMAGIC" in capsys.readouterr().err
+    assert cli.main(["patch-dtb", str(tmp_path / "missing"), str(tmp_path / "o3")]) == 1
