@@ -261,4 +261,5 @@ class VirtioIommu(VirtioDevice):
 
     def on_reset(self, system: bool = False) -> None:
         self.iommu.reset(system=system)
-        self.iommu.negotiated = Negotiated(mmio=self.iommu.config.mmio)
+        self.iommu.negotiated = Negotiated(mmio=self.iommu.config.mmio,
+                                           bypass_config=self.iommu.config.bypass_config)

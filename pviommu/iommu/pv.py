@@ -79,18 +79,20 @@ class IommuConfig:
     reserved: list[ResvRegion] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if not self.page_size_mask & U64_MAX:
-            raise ValueError("page_size_mask needs at least one bit")
+        if not 0 < self.page_size_mask <= U64_MAX:
+            raise ValueError("page_size_mask needs at least one bit and must fit in 64 bits")
         if not 0 <= self.input_start <= self.input_end <= U64_MAX:
             raise ValueError("input range must be 0 <= start <= end < 2^64")
         if not 0 <= self.domain_start <= self.domain_end <= U32_MAX:
             raise ValueError("domain range must be 0 <= start <= end < 2^32")
-        if self.probe_size % 8 or self.probe_size < 0:
-            raise ValueError("probe_size must be a multiple of 8")
+        if self.probe_size % 8 or not 0 <= self.probe_size <= U32_MAX:
+            raise ValueError("probe_size must be a multiple of 8 that fits in 32 bits")
         regions = self.resv_regions()
         for r in regions:
             if r.start > r.end:
                 raise ValueError(f"reserved region {r.start:#x}-{r.end:#x} is empty")
+            if r.start < 0 or r.end > U64_MAX:
+                raise ValueError(f"reserved region {r.start:#x}-{r.end:#x} is not in 64 bits")
         ordered = sorted(regions, key=lambda r: r.start)
         for a, b in zip(ordered, ordered[1:], strict=False):
             if a.end >= b.start:
@@ -160,7 +162,8 @@ class PvIommu:
         self.on_event = on_event
         self.endpoints: dict[int, Endpoint] = {}
         self.domains: dict[int, Domain] = {}
-        self.negotiated = Negotiated(mmio=self.config.mmio)
+        self.negotiated = Negotiated(mmio=self.config.mmio,
+                                     bypass_config=self.config.bypass_config)
         self.bypass = self.config.bypass
 
     # -- lifecycle --------------------------------------------------------------
@@ -316,7 +319,8 @@ class PvIommu:
             raise DmaFault(iova, access, FaultReason.UNKNOWN.name, endpoint)
         ep = self.endpoints.get(endpoint)
         if ep is None or ep.domain is None:
-            if self.bypass and self.negotiated.bypass_config:
+            # Bypass mode needs BYPASS_CONFIG *offered*, not negotiated (spec 1.3).
+            if self.bypass and self.config.bypass_config:
                 return [(iova, length)]
             raise DmaFault(iova, access, FaultReason.DOMAIN.name, endpoint)
         dom = self.domains[ep.domain]

@@ -202,6 +202,9 @@ async def read_message(sock: socket.socket) -> Message:
     try:
         header = await _recv_exact(sock, HEADER.size, fds)
         request, flags, size = HEADER.unpack(header)
+        if flags & FLAG_VERSION_MASK != VERSION:
+            raise ProtocolError(f"{request_name(request)}: protocol version "
+                                f"{flags & FLAG_VERSION_MASK} (only {VERSION} exists)")
         if size > MAX_PAYLOAD:
             raise ProtocolError(f"{request_name(request)}: payload of {size} bytes exceeds "
                                 f"the {MAX_PAYLOAD}-byte limit")

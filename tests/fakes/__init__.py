@@ -1,0 +1,1 @@
+"""Fakes of the other side of the interfaces the device models talk to."""
