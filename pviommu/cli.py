@@ -121,6 +121,7 @@ def iommu_config(args: argparse.Namespace) -> IommuConfig:
     kwargs: dict = {"bypass": args.bypass, "bypass_config": not args.no_bypass_config,
                     "mmio": args.mmio, "probe_size": args.probe_size,
                     "page_size_mask": args.page_size_mask,
+                    "max_domains": args.max_domains, "max_mappings": args.max_mappings,
                     "reserved": [ResvRegion(s, e, ResvType.RESERVED) for s, e in args.reserved]}
     if args.input_range:
         kwargs["input_start"], kwargs["input_end"] = args.input_range
@@ -154,6 +155,12 @@ def _add_iommu_options(p: argparse.ArgumentParser) -> None:
                                              "in PROBE (repeatable)")
     g.add_argument("--no-msi-region", action="store_true",
                    help="do not report the GICv3 ITS doorbell page as an MSI region")
+    g.add_argument("--max-domains", type=int, default=IommuConfig.max_domains,
+                   help="domains the guest may create before ATTACH answers S_NOMEM "
+                        "(default %(default)s)")
+    g.add_argument("--max-mappings", type=int, default=IommuConfig.max_mappings,
+                   help="mappings, over all domains, before MAP answers S_NOMEM "
+                        "(default %(default)s)")
 
 
 async def _serve(config: BackendConfig) -> None:

@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..dma import Access, DmaFault, DmaSpace
+from ..dma import DMA_ERRORS, Access, DmaFault, DmaSpace
 from ..iommu.pv import FaultReason, Negotiated, PvIommu, Status
 from ..virtio.device import VirtioDevice
 from ..virtio.features import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, bit
@@ -168,7 +168,11 @@ class VirtioIommu(VirtioDevice):
                         chain.readable_len, chain.writable_len)
             self.requests[("MALFORMED", "NONE")] += 1
             return 0
-        code = gather(dma, chain.readable, 0, 1)[0]
+        try:
+            code = gather(dma, chain.readable, 0, 1)[0]
+        except DMA_ERRORS as e:
+            log.error("request head cannot be read: %s", e)
+            return self._complete(dma, chain, "UNREADABLE", Status.IOERR)
         try:
             rtype = RequestType(code)
         except ValueError:
@@ -185,16 +189,40 @@ class VirtioIommu(VirtioDevice):
         if chain.readable_len < _READABLE[rtype] or chain.writable_len != expected_writable:
             status = Status.INVAL
         else:
-            body = gather(dma, chain.readable, 0, _READABLE[rtype])
-            status, props = self._execute(rtype, body)
-        self.requests[(rtype.name, status.name)] += 1
+            try:
+                body = gather(dma, chain.readable, 0, _READABLE[rtype])
+            except DMA_ERRORS as e:
+                log.error("%s request cannot be read: %s", rtype.name, e)
+                return self._complete(dma, chain, rtype.name, Status.IOERR)
+            try:
+                status, props = self._execute(rtype, body)
+            except Exception:  # a bug of ours must not take the device down
+                log.exception("internal error executing %s", rtype.name)
+                status = Status.DEVERR
+        return self._complete(dma, chain, rtype.name, status, props)
+
+    def _complete(self, dma: DmaSpace, chain: Chain, name: str, status: Status,
+                  props: bytes = b"") -> int:
+        """Writes the properties (on success) and the tail; returns the used length.
+
+        If the writable part cannot be written whole, only the tail is tried,
+        with S_IOERR; if even that fails the error breaks the device.
+        """
         if status != Status.OK:
-            log.debug("%s -> %s", rtype.name, status.name)
+            log.debug("%s -> %s", name, status.name)
         out = bytearray(chain.writable_len)
         if status == Status.OK and props:
             out[:len(props)] = props
         out[-TAIL_SIZE] = status
-        scatter(dma, chain.writable, out)
+        try:
+            scatter(dma, chain.writable, out)
+        except DMA_ERRORS as e:
+            if len(out) == TAIL_SIZE:
+                raise
+            log.error("%s reply cannot be written: %s", name, e)
+            status = Status.IOERR
+            scatter(dma, chain.writable, bytes([status, 0, 0, 0]), len(out) - TAIL_SIZE)
+        self.requests[(name, status.name)] += 1
         return len(out)
 
     def _execute(self, rtype: RequestType, body: bytes) -> tuple[Status, bytes]:

@@ -77,8 +77,14 @@ class IommuConfig:
     mmio: bool = False
     msi_doorbell: tuple[int, int] | None = ITS_DOORBELL
     reserved: list[ResvRegion] = field(default_factory=list)
+    # Resource limits: the guest is untrusted, so what it can make the
+    # backend allocate is bounded; going over answers S_NOMEM.
+    max_domains: int = 1 << 16
+    max_mappings: int = 1 << 18
 
     def __post_init__(self) -> None:
+        if self.max_domains < 1 or self.max_mappings < 1:
+            raise ValueError("max_domains and max_mappings must be at least 1")
         if not 0 < self.page_size_mask <= U64_MAX:
             raise ValueError("page_size_mask needs at least one bit and must fit in 64 bits")
         if not 0 <= self.input_start <= self.input_end <= U64_MAX:
@@ -165,6 +171,7 @@ class PvIommu:
         self.negotiated = Negotiated(mmio=self.config.mmio,
                                      bypass_config=self.config.bypass_config)
         self.bypass = self.config.bypass
+        self.mapping_count = 0
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -174,6 +181,7 @@ class PvIommu:
             if ep.domain is not None:
                 self._detach(ep)
         self.domains.clear()
+        self.mapping_count = 0
         if system:
             self.bypass = self.config.bypass
 
@@ -215,8 +223,12 @@ class PvIommu:
         ep = self._endpoint(endpoint)
         if ep.domain == domain:
             return Status.OK
+        if dom is None and len(self.domains) >= self.config.max_domains:
+            log.warning("ATTACH: %d domains already exist; domain %d refused",
+                        len(self.domains), domain)
+            return Status.NOMEM
         if ep.domain is not None:
-            self._detach(ep)
+            self._detach(ep, forget=False)
         if dom is None:
             dom = self.domains[domain] = Domain(domain, bypass)
         dom.endpoints.add(endpoint)
@@ -238,14 +250,17 @@ class PvIommu:
         self._detach(ep)
         return Status.OK
 
-    def _detach(self, ep: Endpoint) -> None:
+    def _detach(self, ep: Endpoint, forget: bool = True) -> None:
         domain = ep.domain
         assert domain is not None
         dom = self.domains[domain]
         dom.endpoints.discard(ep.id)
         ep.domain = None
+        if forget:  # unattached endpoints need no record
+            del self.endpoints[ep.id]
         if not dom.endpoints:
             # A domain without endpoints ceases to exist, mappings included.
+            self.mapping_count -= len(dom.mappings)
             del self.domains[domain]
         log.info("endpoint %#x detached from domain %d", ep.id, domain)
         self._emit("detached", domain, ep.id)
@@ -281,7 +296,11 @@ class PvIommu:
         if any(r.start <= virt_end and virt_start <= r.end
                for r in self.config.resv_regions()):
             return Status.INVAL
+        if self.mapping_count >= self.config.max_mappings:
+            log.warning("MAP: the limit of %d mappings is reached", self.config.max_mappings)
+            return Status.NOMEM
         dom.mappings.add(Mapping(virt_start, virt_end, phys_start, flags))
+        self.mapping_count += 1
         return Status.OK
 
     def unmap(self, domain: int, virt_start: int, virt_end: int) -> Status:
@@ -297,8 +316,10 @@ class PvIommu:
             return Status.INVAL
         if virt_end < virt_start:
             return Status.INVAL
-        if dom.mappings.remove_range(virt_start, virt_end) is None:
+        removed = dom.mappings.remove_range(virt_start, virt_end)
+        if removed is None:
             return Status.RANGE
+        self.mapping_count -= len(removed)
         return Status.OK
 
     def probe(self, endpoint: int) -> tuple[Status, list[ResvRegion]]:

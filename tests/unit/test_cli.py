@@ -40,6 +40,9 @@ def test_iommu_options_build_the_device_config():
         (0x08090000, 0x0809FFFF, ResvType.MSI), (0x100000, 0x1FFFFF, ResvType.RESERVED)]
     args = _parse("serve", "--viommu", "s", "--no-msi-region")
     assert cli.iommu_config(args).resv_regions() == []
+    args = _parse("serve", "--viommu", "s", "--max-domains", "4", "--max-mappings", "100")
+    config = cli.iommu_config(args)
+    assert (config.max_domains, config.max_mappings) == (4, 100)
 
 
 def test_inconsistent_iommu_options_are_a_clear_error():
@@ -48,6 +51,8 @@ def test_inconsistent_iommu_options_are_a_clear_error():
         cli.iommu_config(args)
     with pytest.raises(SystemExit):
         _parse("serve", "--viommu", "s", "--input-range", "0x2000:0x1000")
+    with pytest.raises(SystemExit, match="at least 1"):
+        cli.iommu_config(_parse("serve", "--viommu", "s", "--max-mappings", "0"))
 
 
 def test_patch_dtb(tmp_path, capsys):

@@ -202,15 +202,16 @@ def test_domain_disappears_with_its_mappings_after_the_last_detach(iommu):
     assert iommu.detach(1, EP) == Status.OK
     assert iommu.domains[1].endpoints == {EP2}
     assert len(iommu.domains[1].mappings) == 1
-    assert iommu.endpoints[EP].domain is None
+    assert EP not in iommu.endpoints  # unattached endpoints leave no record
     assert iommu.detach(1, EP2) == Status.OK
     assert iommu.domains == {}
+    assert iommu.mapping_count == 0
     assert iommu.map(1, 0x1000, 0x1FFF, 0x4000_0000, RW) == Status.NOENT
     assert iommu.unmap(1, 0x1000, 0x1FFF) == Status.NOENT
     assert iommu.attach(1, EP, 0) == Status.OK
     assert list(iommu.domains[1].mappings) == []
-    # the detached endpoint keeps existing (it is not forgotten)
-    assert EP2 in iommu.endpoints and iommu.endpoints[EP2].domain is None
+    # the detached endpoint still exists (it can attach again), unattached
+    assert iommu.endpoint_exists(EP2) and EP2 not in iommu.endpoints
 
 
 def test_a_detached_endpoint_cannot_use_the_domains_mappings(iommu):
@@ -677,3 +678,56 @@ def test_config_limits_that_are_valid():
     IommuConfig(reserved=[ResvRegion(U64_MAX - 0xFFF, U64_MAX)])
     IommuConfig(page_size_mask=U64_MAX, input_start=5, input_end=5, domain_start=7,
                 domain_end=7)
+
+
+# -- resource limits (S_NOMEM) ----------------------------------------------------------------
+
+
+def test_map_beyond_max_mappings_is_nomem_and_unmap_frees_room():
+    iommu, _ = _iommu(max_mappings=2)
+    iommu.attach(1, EP, 0)
+    iommu.attach(2, EP2, 0)
+    assert iommu.map(1, 0x1000, 0x1FFF, 0x4000_0000, RW) == Status.OK
+    assert iommu.map(2, 0x1000, 0x1FFF, 0x4000_0000, RW) == Status.OK
+    before = _state(iommu)
+    assert iommu.map(1, 0x2000, 0x2FFF, 0x4000_1000, RW) == Status.NOMEM  # over all domains
+    assert _state(iommu) == before
+    assert iommu.unmap(2, 0, U64_MAX) == Status.OK
+    assert iommu.map(1, 0x2000, 0x2FFF, 0x4000_1000, RW) == Status.OK
+    assert iommu.mapping_count == 2
+
+
+def test_a_dropped_domain_returns_its_mappings_to_the_budget():
+    iommu, _ = _iommu(max_mappings=1)
+    iommu.attach(1, EP, 0)
+    assert iommu.map(1, 0x1000, 0x1FFF, 0x4000_0000, RW) == Status.OK
+    iommu.attach(2, EP, 0)  # domain 1 loses its last endpoint and goes away
+    assert iommu.map(2, 0x1000, 0x1FFF, 0x4000_0000, RW) == Status.OK
+    iommu.reset()
+    assert iommu.mapping_count == 0
+
+
+def test_attach_beyond_max_domains_is_nomem():
+    iommu, events = _iommu(max_domains=1)
+    assert iommu.attach(1, EP, 0) == Status.OK
+    assert iommu.attach(2, EP2, 0) == Status.NOMEM
+    assert EP2 not in iommu.endpoints or iommu.endpoints[EP2].domain is None
+    assert iommu.attach(1, EP2, 0) == Status.OK  # an existing domain costs nothing
+    assert iommu.attach(2, EP, 0) == Status.NOMEM  # EP stays where it was
+    assert iommu.endpoints[EP].domain == 1
+    assert [name for name, _ in events] == ["attached", "attached"]
+
+
+def test_limits_must_be_positive():
+    with pytest.raises(ValueError):
+        IommuConfig(max_mappings=0)
+    with pytest.raises(ValueError):
+        IommuConfig(max_domains=0)
+
+
+def test_any_endpoint_mode_keeps_no_record_of_detached_endpoints():
+    iommu = PvIommu(IommuConfig())  # every endpoint ID exists
+    for ep in range(1000):
+        assert iommu.attach(7, ep, 0) == Status.OK
+        assert iommu.detach(7, ep) == Status.OK
+    assert iommu.endpoints == {} and iommu.domains == {}

@@ -63,6 +63,7 @@ async def test_queries_follow_the_iommu_state(backend):
         {"virt-start": 0x200000, "virt-end": 0x2FFFFF, "phys-start": 0x40200000,
          "read": True, "write": False, "mmio": False}]
     assert len(await client.execute("query-viommu-mappings", {"domain": 7})) == 4
+    assert (await client.execute("query-viommu-config"))["mappings"] == 4
     assert iommu.detach(7, 0x10) == Status.OK
     event = await _next_event(events, "IOMMU_ENDPOINT_DETACHED")
     assert event["data"] == {"domain": 7, "endpoint": 0x10}
@@ -71,6 +72,8 @@ async def test_queries_follow_the_iommu_state(backend):
         {"start": 0x08090000, "end": 0x0809FFFF, "subtype": "msi"},
         {"start": 0x1000000, "end": 0x1FFFFFF, "subtype": "reserved"}]
     assert config["probe-size"] == 512
+    assert config["mappings"] == 0  # domain 7 went away with its last endpoint
+    assert (config["max-domains"], config["max-mappings"]) == (1 << 16, 1 << 18)
 
 
 async def test_bad_arguments_get_qemu_style_errors(backend):

@@ -28,14 +28,14 @@ from pviommu.virtio.features import (
     F_VERSION_1,
     STATUS_NEEDS_RESET,
 )
-from pviommu.virtio.queue import DESC_F_NEXT
+from pviommu.virtio.queue import DESC_F_NEXT, DESC_F_WRITE
 from tests.fakes.virtio_driver import FakeDriver, memfd_memory
 
 GPA = 0x40000000
 MEM_SIZE = 1 << 20
 EP, EP2 = 0x10, 0x18
 RW = MAP_F_READ | MAP_F_WRITE
-OK, UNSUPP, INVAL, RANGE, NOENT = 0, 2, 4, 5, 6
+OK, IOERR, UNSUPP, DEVERR, INVAL, RANGE, NOENT, NOMEM = 0, 1, 2, 3, 4, 5, 6, 8
 ALL_BASE = ((1 << 32) | (1 << 28) | (1 << 29) | 1 | 2 | 4 | 16)  # + BYPASS_CONFIG (64)
 
 
@@ -445,14 +445,73 @@ def test_a_broken_request_ring_needs_reset(rig):
     assert rig.dev.faults_dropped == 1 and rig.evt.used() == []
 
 
-def test_a_request_buffer_outside_memory_needs_reset(rig):
+def test_an_unreadable_request_is_ioerr(rig):
+    tail_at = GPA + 0x30000
     rig.req.add_raw_descriptors([(GPA + MEM_SIZE, 20, DESC_F_NEXT, 1),
-                                 (GPA + 0x30000, 4, 2, 0)])
+                                 (tail_at, 4, DESC_F_WRITE, 0)])
+    rig.req.make_available(0)
+    rig.req.publish()
+    rig.dev.kick(0)
+    assert not rig.dev.needs_reset
+    assert rig.req.used() == [(0, 4)]
+    assert rig.memory.read(tail_at, 4) == bytes([IOERR, 0, 0, 0])
+    assert rig.dev.requests[("UNREADABLE", "IOERR")] == 1
+
+
+def test_an_unreadable_request_body_is_ioerr(rig):
+    head = rig.req.buffer(bytes([3]))  # MAP, then a body outside guest memory
+    tail_at = GPA + 0x30000
+    rig.req.add_raw_descriptors([(head, 1, DESC_F_NEXT, 1),
+                                 (GPA + MEM_SIZE - 8, 40, DESC_F_NEXT, 2),
+                                 (tail_at, 4, DESC_F_WRITE, 0)])
+    rig.req.make_available(0)
+    rig.req.publish()
+    rig.dev.kick(0)
+    assert rig.memory.read(tail_at, 1) == bytes([IOERR])
+    assert rig.dev.requests[("MAP", "IOERR")] == 1
+
+
+def test_probe_properties_that_cannot_be_written_are_ioerr(rig):
+    body = rig.req.buffer(probe(EP))
+    tail_at = GPA + 0x30000
+    # 512 bytes of properties straddling the end of guest memory, then the tail.
+    rig.req.add_raw_descriptors([(body, 68, DESC_F_NEXT, 1),
+                                 (GPA + MEM_SIZE - 256, 512, DESC_F_WRITE | DESC_F_NEXT, 2),
+                                 (tail_at, 4, DESC_F_WRITE, 0)])
+    rig.req.make_available(0)
+    rig.req.publish()
+    rig.dev.kick(0)
+    assert not rig.dev.needs_reset
+    assert rig.memory.read(tail_at, 1) == bytes([IOERR])
+    assert rig.dev.requests[("PROBE", "IOERR")] == 1
+
+
+def test_a_tail_outside_memory_needs_reset(rig):
+    rig.req.add_raw_descriptors([(rig.req.buffer(attach(1, EP)), 20, DESC_F_NEXT, 1),
+                                 (GPA + MEM_SIZE, 4, DESC_F_WRITE, 0)])
     rig.req.make_available(0)
     rig.req.publish()
     rig.dev.kick(0)
     assert rig.dev.needs_reset
     assert "outside guest memory" in rig.dev.broken_reason
+
+
+def test_an_internal_error_is_deverr_and_the_device_goes_on(rig, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(rig.iommu, "map", broken)
+    rig.status(attach(1, EP))
+    assert rig.status(map_(1, 0x1000, 0x1FFF, 0x4000_0000)) == DEVERR
+    monkeypatch.undo()
+    assert rig.status(map_(1, 0x1000, 0x1FFF, 0x4000_0000)) == OK
+    assert not rig.dev.needs_reset
+
+
+def test_nomem_on_the_wire(memory):
+    rig = Rig(memory, IommuConfig(max_mappings=1))
+    rig.status(attach(1, EP))
+    assert rig.status(map_(1, 0x1000, 0x1FFF, 0x4000_0000)) == OK
+    assert rig.status(map_(1, 0x2000, 0x2FFF, 0x4000_1000)) == NOMEM
 
 
 def test_device_reset(rig):
