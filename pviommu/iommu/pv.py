@@ -200,6 +200,17 @@ class PvIommu:
             return True
         return self.config.domain_start <= domain <= self.config.domain_end
 
+    def _mapped_domain(self, domain: int) -> Domain | Status:
+        """The domain a MAP or UNMAP names, or the status that refuses it."""
+        if not self._domain_in_range(domain):
+            return Status.RANGE
+        dom = self.domains.get(domain)
+        if dom is None:
+            return Status.NOENT
+        if dom.bypass:
+            return Status.INVAL
+        return dom
+
     def _emit(self, event: str, domain: int, endpoint: int) -> None:
         if self.on_event is not None:
             self.on_event(event, {"domain": domain, "endpoint": endpoint})
@@ -273,13 +284,9 @@ class PvIommu:
         allowed = MAP_F_READ | MAP_F_WRITE | (MAP_F_MMIO if self.negotiated.mmio else 0)
         if flags & ~allowed:
             return Status.INVAL
-        if not self._domain_in_range(domain):
-            return Status.RANGE
-        dom = self.domains.get(domain)
-        if dom is None:
-            return Status.NOENT
-        if dom.bypass:
-            return Status.INVAL
+        dom = self._mapped_domain(domain)
+        if isinstance(dom, Status):
+            return dom
         g = self.config.granule
         if virt_start % g or phys_start % g or (virt_end + 1) % g:
             return Status.RANGE
@@ -307,13 +314,9 @@ class PvIommu:
         """UNMAP every mapping inside ``[virt_start, virt_end]``; none if one would split."""
         if not self.negotiated.map_unmap:
             return Status.UNSUPP
-        if not self._domain_in_range(domain):
-            return Status.RANGE
-        dom = self.domains.get(domain)
-        if dom is None:
-            return Status.NOENT
-        if dom.bypass:
-            return Status.INVAL
+        dom = self._mapped_domain(domain)
+        if isinstance(dom, Status):
+            return dom
         if virt_end < virt_start:
             return Status.INVAL
         removed = dom.mappings.remove_range(virt_start, virt_end)

@@ -250,3 +250,17 @@ class FakeDriver:
 
     def _u16(self, addr: int) -> int:
         return int.from_bytes(self.memory.read(addr, 2), "little")
+
+
+class RecordingTransport:
+    """A device's transport that records what the device asks of it."""
+
+    def __init__(self) -> None:
+        self.notified: list[int] = []
+        self.errors: list[tuple[int, str]] = []
+
+    def notify(self, queue: int) -> None:
+        self.notified.append(queue)
+
+    def device_error(self, queue: int, reason: str) -> None:
+        self.errors.append((queue, reason))

@@ -29,7 +29,7 @@ from pviommu.virtio.features import (
     STATUS_NEEDS_RESET,
 )
 from pviommu.virtio.queue import DESC_F_NEXT, DESC_F_WRITE
-from tests.fakes.virtio_driver import FakeDriver, memfd_memory
+from tests.fakes.virtio_driver import FakeDriver, RecordingTransport, memfd_memory
 
 GPA = 0x40000000
 MEM_SIZE = 1 << 20
@@ -64,18 +64,6 @@ def tail(status: int) -> bytes:
     return bytes([status, 0, 0, 0])
 
 
-class FakeTransport:
-    """Records the device's notifications and errors."""
-
-    def __init__(self) -> None:
-        self.notified: list[int] = []
-        self.errors: list[tuple[int, str]] = []
-
-    def notify(self, queue: int) -> None:
-        self.notified.append(queue)
-
-    def device_error(self, queue: int, reason: str) -> None:
-        self.errors.append((queue, reason))
 
 
 class Rig:
@@ -86,7 +74,7 @@ class Rig:
         self.memory = memory
         self.iommu = PvIommu(config or IommuConfig(), endpoints)
         self.dev = VirtioIommu(self.iommu)
-        self.transport = FakeTransport()
+        self.transport = RecordingTransport()
         self.dev.transport = self.transport
         self.dev.set_driver_features(self.dev.offered_features() if features is None
                                      else features)

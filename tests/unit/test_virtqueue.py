@@ -20,7 +20,7 @@ from pviommu.virtio.queue import (
     gather,
     scatter,
 )
-from tests.fakes.virtio_driver import FakeDriver, memfd_memory
+from tests.fakes.virtio_driver import FakeDriver, RecordingTransport, memfd_memory
 
 GPA = 0x40000000
 SIZE = 1 << 20
@@ -455,18 +455,6 @@ def test_buffer_outside_guest_memory_fails_on_access(driver, dma):
 # -- the device side: errors become NEEDS_RESET ------------------------------------------
 
 
-class FakeTransport:
-    """Records what the device asks of its transport."""
-
-    def __init__(self) -> None:
-        self.notified: list[int] = []
-        self.errors: list[tuple[int, str]] = []
-
-    def notify(self, queue: int) -> None:
-        self.notified.append(queue)
-
-    def device_error(self, queue: int, reason: str) -> None:
-        self.errors.append((queue, reason))
 
 
 class EchoDevice(VirtioDevice):
@@ -491,7 +479,7 @@ class EchoDevice(VirtioDevice):
 @pytest.fixture
 def echo(driver, dma):
     dev = EchoDevice()
-    dev.transport = FakeTransport()
+    dev.transport = RecordingTransport()
     dev.status = STATUS_DRIVER_OK
     dev.start_queue(0, driver.queue(dma))
     return dev
