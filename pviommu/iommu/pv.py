@@ -231,13 +231,14 @@ class PvIommu:
         dom = self.domains.get(domain)
         if dom is not None and dom.bypass != bypass:
             return Status.INVAL
-        ep = self._endpoint(endpoint)
-        if ep.domain == domain:
+        current = self.endpoints.get(endpoint)
+        if current is not None and current.domain == domain:
             return Status.OK
         if dom is None and len(self.domains) >= self.config.max_domains:
             log.warning("ATTACH: %d domains already exist; domain %d refused",
                         len(self.domains), domain)
             return Status.NOMEM
+        ep = self._endpoint(endpoint)
         if ep.domain is not None:
             self._detach(ep, forget=False)
         if dom is None:

@@ -731,3 +731,8 @@ def test_any_endpoint_mode_keeps_no_record_of_detached_endpoints():
         assert iommu.attach(7, ep, 0) == Status.OK
         assert iommu.detach(7, ep) == Status.OK
     assert iommu.endpoints == {} and iommu.domains == {}
+    iommu = PvIommu(IommuConfig(max_domains=1))
+    assert iommu.attach(1, 0, 0) == Status.OK
+    for ep in range(1, 1000):  # refused attaches leave nothing behind either
+        assert iommu.attach(1 + ep, ep, 0) == Status.NOMEM
+    assert list(iommu.endpoints) == [0]
