@@ -130,14 +130,6 @@ class Domain:
     mappings: MappingTree = field(default_factory=MappingTree)
 
 
-@dataclass
-class Endpoint:
-    """An endpoint (PCI requester ID) and the domain it is attached to."""
-
-    id: int
-    domain: int | None = None
-
-
 @dataclass(frozen=True)
 class Negotiated:
     """The feature bits the driver accepted that change request semantics."""
@@ -166,7 +158,7 @@ class PvIommu:
         self.config = config or IommuConfig()
         self.known = None if endpoints is None else set(endpoints)
         self.on_event = on_event
-        self.endpoints: dict[int, Endpoint] = {}
+        self.attached: dict[int, int] = {}  # endpoint ID -> domain ID
         self.domains: dict[int, Domain] = {}
         self.negotiated = Negotiated(mmio=self.config.mmio,
                                      bypass_config=self.config.bypass_config)
@@ -177,9 +169,8 @@ class PvIommu:
 
     def reset(self, system: bool = False) -> None:
         """Device reset: no domain, no attachment. A system reset also restores bypass."""
-        for ep in list(self.endpoints.values()):
-            if ep.domain is not None:
-                self._detach(ep)
+        for endpoint in list(self.attached):
+            self._detach(endpoint)
         self.domains.clear()
         self.mapping_count = 0
         if system:
@@ -188,12 +179,6 @@ class PvIommu:
     def endpoint_exists(self, endpoint: int) -> bool:
         """Whether ``endpoint`` is an endpoint of this IOMMU."""
         return self.known is None or endpoint in self.known
-
-    def _endpoint(self, endpoint: int) -> Endpoint:
-        ep = self.endpoints.get(endpoint)
-        if ep is None:
-            ep = self.endpoints[endpoint] = Endpoint(endpoint)
-        return ep
 
     def _domain_in_range(self, domain: int) -> bool:
         if not self.negotiated.domain_range:
@@ -231,20 +216,18 @@ class PvIommu:
         dom = self.domains.get(domain)
         if dom is not None and dom.bypass != bypass:
             return Status.INVAL
-        current = self.endpoints.get(endpoint)
-        if current is not None and current.domain == domain:
+        if self.attached.get(endpoint) == domain:
             return Status.OK
         if dom is None and len(self.domains) >= self.config.max_domains:
             log.warning("ATTACH: %d domains already exist; domain %d refused",
                         len(self.domains), domain)
             return Status.NOMEM
-        ep = self._endpoint(endpoint)
-        if ep.domain is not None:
-            self._detach(ep, forget=False)
+        if endpoint in self.attached:
+            self._detach(endpoint)
         if dom is None:
             dom = self.domains[domain] = Domain(domain, bypass)
         dom.endpoints.add(endpoint)
-        ep.domain = domain
+        self.attached[endpoint] = domain
         log.info("endpoint %#x attached to domain %d%s", endpoint, domain,
                  " (bypass)" if bypass else "")
         self._emit("attached", domain, endpoint)
@@ -256,26 +239,21 @@ class PvIommu:
             return Status.NOENT
         if not self._domain_in_range(domain):
             return Status.RANGE
-        ep = self.endpoints.get(endpoint)
-        if ep is None or ep.domain != domain:
+        if self.attached.get(endpoint) != domain:
             return Status.INVAL
-        self._detach(ep)
+        self._detach(endpoint)
         return Status.OK
 
-    def _detach(self, ep: Endpoint, forget: bool = True) -> None:
-        domain = ep.domain
-        assert domain is not None
+    def _detach(self, endpoint: int) -> None:
+        domain = self.attached.pop(endpoint)
         dom = self.domains[domain]
-        dom.endpoints.discard(ep.id)
-        ep.domain = None
-        if forget:  # unattached endpoints need no record
-            del self.endpoints[ep.id]
+        dom.endpoints.discard(endpoint)
         if not dom.endpoints:
             # A domain without endpoints ceases to exist, mappings included.
             self.mapping_count -= len(dom.mappings)
             del self.domains[domain]
-        log.info("endpoint %#x detached from domain %d", ep.id, domain)
-        self._emit("detached", domain, ep.id)
+        log.info("endpoint %#x detached from domain %d", endpoint, domain)
+        self._emit("detached", domain, endpoint)
 
     def map(self, domain: int, virt_start: int, virt_end: int, phys_start: int,
             flags: int) -> Status:
@@ -342,13 +320,13 @@ class PvIommu:
         """
         if not self.endpoint_exists(endpoint):
             raise DmaFault(iova, access, FaultReason.UNKNOWN.name, endpoint)
-        ep = self.endpoints.get(endpoint)
-        if ep is None or ep.domain is None:
+        domain = self.attached.get(endpoint)
+        if domain is None:
             # Bypass mode needs BYPASS_CONFIG *offered*, not negotiated (spec 1.3).
             if self.bypass and self.config.bypass_config:
                 return [(iova, length)]
             raise DmaFault(iova, access, FaultReason.DOMAIN.name, endpoint)
-        dom = self.domains[ep.domain]
+        dom = self.domains[domain]
         if dom.bypass:
             return [(iova, length)]
         need = (MAP_F_WRITE if access & Access.WRITE else 0) | (

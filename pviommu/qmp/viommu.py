@@ -121,15 +121,14 @@ class ViommuCommands:
     def query_endpoints(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         """``query-viommu-endpoints``: declared endpoints and any the guest attached."""
         _args(args, {})
-        ids = set(self.iommu.endpoints) | set(self.iommu.known or ())
+        ids = set(self.iommu.attached) | set(self.iommu.known or ())
         out = []
         for eid in sorted(ids):
-            ep = self.iommu.endpoints.get(eid)
-            entry: dict[str, Any] = {"id": eid, "attached": ep is not None
-                                     and ep.domain is not None}
-            if ep is not None and ep.domain is not None:
-                entry["domain"] = ep.domain
-                entry["bypass"] = self.iommu.domains[ep.domain].bypass
+            domain = self.iommu.attached.get(eid)
+            entry: dict[str, Any] = {"id": eid, "attached": domain is not None}
+            if domain is not None:
+                entry["domain"] = domain
+                entry["bypass"] = self.iommu.domains[domain].bypass
             out.append(entry)
         return out
 

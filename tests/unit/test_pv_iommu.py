@@ -37,7 +37,7 @@ def iommu():
 
 def _state(iommu: PvIommu):
     """Everything a request may change: attachments, domains and their mappings."""
-    return ({e.id: e.domain for e in iommu.endpoints.values()},
+    return (dict(iommu.attached),
             {d.id: (d.bypass, sorted(d.endpoints),
                     [(m.virt_start, m.virt_end, m.phys_start, m.flags) for m in d.mappings])
              for d in iommu.domains.values()})
@@ -48,7 +48,7 @@ def _state(iommu: PvIommu):
 
 def test_attach_creates_the_domain(iommu):
     assert iommu.attach(1, EP, 0) == Status.OK
-    assert iommu.endpoints[EP].domain == 1
+    assert iommu.attached[EP] == 1
     assert iommu.domains[1].bypass is False and iommu.domains[1].endpoints == {EP}
     assert iommu.attach(1, EP2, 0) == Status.OK  # several endpoints per domain
     assert iommu.domains[1].endpoints == {EP, EP2}
@@ -57,7 +57,7 @@ def test_attach_creates_the_domain(iommu):
 def test_attach_reserved_non_zero_is_inval(iommu):
     assert iommu.attach(1, EP, 0, reserved_zero=False) == Status.INVAL
     assert iommu.domains == {}
-    assert EP not in iommu.endpoints or iommu.endpoints[EP].domain is None
+    assert EP not in iommu.attached
     # reserved is checked before the endpoint exists
     assert iommu.attach(1, UNKNOWN_EP, 0, reserved_zero=False) == Status.INVAL
 
@@ -95,7 +95,7 @@ def test_attach_domain_out_of_range_is_range(domain):
 
 def test_attach_unknown_endpoint_is_noent(iommu):
     assert iommu.attach(1, UNKNOWN_EP, 0) == Status.NOENT
-    assert iommu.domains == {} and UNKNOWN_EP not in iommu.endpoints
+    assert iommu.domains == {} and UNKNOWN_EP not in iommu.attached
 
 
 def test_every_endpoint_exists_without_a_list():
@@ -120,7 +120,7 @@ def test_reattach_moves_the_endpoint_and_drops_the_emptied_domain(iommu):
     assert iommu.attach(1, EP, 0) == Status.OK
     assert iommu.map(1, 0x1000, 0x1FFF, 0x4000_0000, RW) == Status.OK
     assert iommu.attach(2, EP, 0) == Status.OK
-    assert iommu.endpoints[EP].domain == 2
+    assert iommu.attached[EP] == 2
     assert 1 not in iommu.domains
     assert iommu.domains[2].endpoints == {EP}
     # domain 1 really is gone: it can be created afresh, without the old mapping
@@ -202,7 +202,7 @@ def test_domain_disappears_with_its_mappings_after_the_last_detach(iommu):
     assert iommu.detach(1, EP) == Status.OK
     assert iommu.domains[1].endpoints == {EP2}
     assert len(iommu.domains[1].mappings) == 1
-    assert EP not in iommu.endpoints  # unattached endpoints leave no record
+    assert EP not in iommu.attached  # unattached endpoints leave no record
     assert iommu.detach(1, EP2) == Status.OK
     assert iommu.domains == {}
     assert iommu.mapping_count == 0
@@ -211,7 +211,7 @@ def test_domain_disappears_with_its_mappings_after_the_last_detach(iommu):
     assert iommu.attach(1, EP, 0) == Status.OK
     assert list(iommu.domains[1].mappings) == []
     # the detached endpoint still exists (it can attach again), unattached
-    assert iommu.endpoint_exists(EP2) and EP2 not in iommu.endpoints
+    assert iommu.endpoint_exists(EP2) and EP2 not in iommu.attached
 
 
 def test_a_detached_endpoint_cannot_use_the_domains_mappings(iommu):
@@ -610,7 +610,7 @@ def test_device_reset_drops_domains_and_keeps_bypass():
     events.clear()
     iommu.reset()
     assert iommu.domains == {}
-    assert all(e.domain is None for e in iommu.endpoints.values())
+    assert iommu.attached == {}
     assert sorted((n, d["domain"], d["endpoint"]) for n, d in events) == [
         ("detached", 1, EP), ("detached", 2, EP2)]
     assert iommu.bypass is True  # unchanged by a device reset
@@ -711,10 +711,10 @@ def test_attach_beyond_max_domains_is_nomem():
     iommu, events = _iommu(max_domains=1)
     assert iommu.attach(1, EP, 0) == Status.OK
     assert iommu.attach(2, EP2, 0) == Status.NOMEM
-    assert EP2 not in iommu.endpoints or iommu.endpoints[EP2].domain is None
+    assert EP2 not in iommu.attached
     assert iommu.attach(1, EP2, 0) == Status.OK  # an existing domain costs nothing
     assert iommu.attach(2, EP, 0) == Status.NOMEM  # EP stays where it was
-    assert iommu.endpoints[EP].domain == 1
+    assert iommu.attached[EP] == 1
     assert [name for name, _ in events] == ["attached", "attached"]
 
 
@@ -730,9 +730,9 @@ def test_any_endpoint_mode_keeps_no_record_of_detached_endpoints():
     for ep in range(1000):
         assert iommu.attach(7, ep, 0) == Status.OK
         assert iommu.detach(7, ep) == Status.OK
-    assert iommu.endpoints == {} and iommu.domains == {}
+    assert iommu.attached == {} and iommu.domains == {}
     iommu = PvIommu(IommuConfig(max_domains=1))
     assert iommu.attach(1, 0, 0) == Status.OK
     for ep in range(1, 1000):  # refused attaches leave nothing behind either
         assert iommu.attach(1 + ep, ep, 0) == Status.NOMEM
-    assert list(iommu.endpoints) == [0]
+    assert list(iommu.attached) == [0]

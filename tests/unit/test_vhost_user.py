@@ -276,7 +276,7 @@ async def test_requests_flow_through_the_vrings(server: VhostUserServer, fe: Fak
     assert (n, reply) == (4, bytes(4))
     device = server.device
     assert isinstance(device, VirtioIommu)
-    assert device.iommu.endpoints[EP].domain == 1
+    assert device.iommu.attached[EP] == 1
     n, reply = await guest.request(attach(1, EP + 1))  # not declared: NOENT
     assert (n, reply[0]) == (4, 6)
     assert guest.rings[0].errors() == 0
@@ -327,7 +327,7 @@ async def test_malicious_chain_sets_needs_reset(server: VhostUserServer, fe: Fak
     guest.rings[0].kick_ring()
     await asyncio.sleep(0.05)
     assert guest.req.used_idx() == 0
-    assert EP not in server.device.iommu.endpoints
+    assert EP not in server.device.iommu.attached
 
 
 async def test_status_round_trip(fe: FakeFrontend) -> None:

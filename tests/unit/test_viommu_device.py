@@ -237,7 +237,7 @@ def test_write_config_outside_the_space(rig):
 
 def test_attach_detach_map_unmap_on_the_wire(rig, memory):
     assert rig.status(attach(1, EP)) == OK
-    assert rig.iommu.endpoints[EP].domain == 1
+    assert rig.iommu.attached[EP] == 1
     assert rig.status(map_(1, 0x1000, 0x1FFF, GPA + 0x80000, MAP_F_READ)) == OK
     m = rig.iommu.domains[1].mappings.find(0x1000)
     assert (m.virt_start, m.virt_end, m.phys_start, m.flags) == (
@@ -313,7 +313,7 @@ def test_readable_part_too_short_is_inval(rig):
         assert n == writable
         assert out[-4:] == tail(INVAL)
         assert out[:-4] == bytes(writable - 4)
-    assert rig.iommu.domains == {} and rig.iommu.endpoints == {}
+    assert rig.iommu.domains == {} and rig.iommu.attached == {}
     assert rig.dev.requests[("ATTACH", "INVAL")] == 1
     assert rig.dev.requests[("PROBE", "INVAL")] == 1
 
