@@ -26,10 +26,10 @@ class Access(enum.IntFlag):
 class DmaFault(Exception):
     """A translation failed: no mapping, wrong permission or no domain."""
 
-    def __init__(self, address: int, access: Access, reason: str, endpoint: int | None = None,
-                 detail: str = "") -> None:
+    def __init__(self, address: int, access: Access, reason: str,
+                 endpoint: int | None = None) -> None:
         ep = f" endpoint {endpoint:#x}" if endpoint is not None else ""
-        super().__init__(f"{reason} fault{ep} at {address:#x} ({access.name}){detail}")
+        super().__init__(f"{reason} fault{ep} at {address:#x} ({access.name})")
         self.address = address
         self.access = access
         self.reason = reason

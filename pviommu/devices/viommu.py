@@ -38,9 +38,9 @@ CONFIG = struct.Struct("<QQQIIIB3x")
 BYPASS_OFFSET = 36
 PROBE_T_RESV_MEM = 1
 RESV_MEM = struct.Struct("<HHB3xQQ")
-FAULT = struct.Struct("<B3xIII8x")
+FAULT = struct.Struct("<B3xIIIQ")
 FAULT_F_ADDRESS = 0x100
-FAULT_SIZE = 24
+FAULT_SIZE = FAULT.size
 TAIL_SIZE = 4
 
 _ATTACH = struct.Struct("<4xIII4s")
@@ -82,8 +82,7 @@ class Fault:
     def record(self) -> bytes:
         """The 24-byte ``virtio_iommu_fault`` record."""
         flags = int(self.access) | FAULT_F_ADDRESS
-        head = FAULT.pack(self.reason, flags, self.endpoint, 0)
-        return head[:16] + self.address.to_bytes(8, "little")
+        return FAULT.pack(self.reason, flags, self.endpoint, 0, self.address)
 
 
 FaultListener = Callable[[Fault, bool], None]

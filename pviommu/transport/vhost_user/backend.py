@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ...memory import GuestMemory, MemoryAccessError, RegionSpec
 from ...virtio.device import VirtioDevice
-from ...virtio.features import F_ACCESS_PLATFORM, F_EVENT_IDX, F_INDIRECT_DESC, bit
+from ...virtio.features import F_EVENT_IDX, F_INDIRECT_DESC, bit
 from ...virtio.queue import SplitQueue, VirtqueueError
 from . import protocol as p
 from .protocol import ProtocolFeature as PF
@@ -89,11 +89,8 @@ class VhostUserConnection:
         self.owner = False
         self.features = 0
         self.acked_protocol_features = 0
-        self.backend_channel: socket.socket | None = None
         self.stats: Counter[str] = stats if stats is not None else Counter()
         self._loop = asyncio.get_running_loop()
-        if device.has_feature_offered(F_ACCESS_PLATFORM):
-            self.protocol_features |= bit(PF.BACKEND_REQ)
         device.transport = self
 
     # -- the message loop ---------------------------------------------------
@@ -158,9 +155,6 @@ class VhostUserConnection:
         if self.device.transport is self:
             self.device.transport = None
         self.memory.clear()
-        if self.backend_channel is not None:
-            self.backend_channel.close()
-            self.backend_channel = None
         with contextlib.suppress(OSError):
             self.sock.close()
 
@@ -409,15 +403,6 @@ class VhostUserConnection:
         self._payload(msg, 0)
         return p.U64.pack(self.device.status)
 
-    def _do_set_backend_req_fd(self, msg: p.Message) -> None:
-        self._require(PF.BACKEND_REQ)
-        self._payload(msg, 0)
-        if len(msg.fds) != 1:
-            raise Refused(f"expected one file descriptor, got {len(msg.fds)}")
-        if self.backend_channel is not None:
-            self.backend_channel.close()
-        self.backend_channel = socket.socket(fileno=msg.fds.pop())
-
     # -- rings ---------------------------------------------------------------------
 
     def _on_kick(self, ring: Vring) -> None:
@@ -437,8 +422,6 @@ class VhostUserConnection:
         try:
             if ring.num == 0:
                 raise VirtqueueError("kicked before SET_VRING_NUM")
-            if self.device.has_feature(F_ACCESS_PLATFORM):
-                raise VirtqueueError("ring addresses are IOVAs; this device has no IOTLB")
             size = ring.num
             desc = self.memory.uaddr_to_gpa(ring.desc, 16 * size)
             avail = self.memory.uaddr_to_gpa(ring.avail, 6 + 2 * size)
@@ -456,7 +439,7 @@ class VhostUserConnection:
         return True
 
     def _stop_ring(self, ring: Vring) -> None:
-        if ring.kick is not None and ring.started is False:
+        if not ring.started:
             return
         queue = self.device.stop_queue(ring.index)
         if queue is not None:

@@ -22,7 +22,6 @@ VRING_ADDR = struct.Struct("<IIQQQQ")
 MEM_HEADER = struct.Struct("<II")
 MEM_REGION = struct.Struct("<QQQQ")
 CONFIG_HEADER = struct.Struct("<III")
-IOTLB_MSG = struct.Struct("<QQQBB6x")
 
 MAX_MEM_REGIONS = 8
 MAX_CONFIG_SIZE = 256
@@ -83,14 +82,6 @@ class Request(enum.IntEnum):
     CHECK_DEVICE_STATE = 43
 
 
-class BackendRequest(enum.IntEnum):
-    """Back-end message types (sent on the backend channel)."""
-
-    IOTLB_MSG = 1
-    CONFIG_CHANGE_MSG = 2
-    VRING_HOST_NOTIFIER_MSG = 3
-
-
 class ProtocolFeature(enum.IntEnum):
     """Protocol feature bit numbers."""
 
@@ -114,15 +105,6 @@ class ProtocolFeature(enum.IntEnum):
     XEN_MMAP = 17
     SHARED_OBJECT = 18
     DEVICE_STATE = 19
-
-
-class IotlbType(enum.IntEnum):
-    """vhost_iotlb_msg types."""
-
-    MISS = 1
-    UPDATE = 2
-    INVALIDATE = 3
-    ACCESS_FAIL = 4
 
 
 def request_name(code: int) -> str:
