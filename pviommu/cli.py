@@ -137,13 +137,15 @@ def iommu_config(args: argparse.Namespace) -> IommuConfig:
 
 def _add_iommu_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("PV-IOMMU device")
-    g.add_argument("--page-size-mask", type=lambda t: int(t, 0), default=~0xFFF & (2**64 - 1),
+    g.add_argument("--page-size-mask", type=lambda t: int(t, 0),
+                   default=IommuConfig.page_size_mask,
                    help="page_size_mask (default 0xfffffffffffff000: 4 KiB granule)")
     g.add_argument("--input-range", type=_range, help="START:END of I/O virtual addresses "
                    "(default: the whole 64-bit space)")
     g.add_argument("--domain-range", type=_range, help="START:END of domain IDs "
                    "(default 0:0xffffffff)")
-    g.add_argument("--probe-size", type=int, default=512, help="PROBE property buffer size")
+    g.add_argument("--probe-size", type=int, default=IommuConfig.probe_size,
+                   help="PROBE property buffer size (default %(default)s)")
     g.add_argument("--bypass", action="store_true",
                    help="unattached endpoints bypass translation until the driver says not")
     g.add_argument("--no-bypass-config", action="store_true",

@@ -23,7 +23,14 @@ from ..machine.dtb import add_pci_iommu
 from ..machine.guest_image import build_initramfs
 from ..machine.guestlog import guest_faults
 from ..machine.qemu import QemuMachine, dump_dtb
-from ..machine.topology import Device, Topology, VhostUserIommuPci, VirtioRngPci, pci_rid
+from ..machine.topology import (
+    Device,
+    Topology,
+    VhostUserIommuPci,
+    VirtioRngPci,
+    pci_name,
+    pci_rid,
+)
 from ..provision import GuestAssets
 from ..qmp.viommu import EVENT_FAULT
 
@@ -49,11 +56,6 @@ class PvOptions:
     fault: FaultPlan | None = field(default_factory=FaultPlan)
     boot_timeout: float = 120
     step_timeout: float = 60
-
-
-def pci_name(rid: int) -> str:
-    """The guest's sysfs name of the function with requester ID ``rid`` on bus 0."""
-    return f"0000:{rid >> 8:02x}:{rid >> 3 & 0x1F:02x}.{rid & 7:x}"
 
 
 def pv_initramfs(out: Path, assets: GuestAssets, endpoint_pci: str, fault_wait: int

@@ -14,7 +14,7 @@ from qemu.qmp import EventListener, QMPClient
 
 from pviommu.iommu.pv import IommuConfig
 from pviommu.machine.qemu import QemuMachine
-from pviommu.machine.topology import VirtioRngPci, pci_rid
+from pviommu.machine.topology import VirtioRngPci, pci_name, pci_rid
 from pviommu.scenarios import pv
 
 pytestmark = pytest.mark.e2e
@@ -110,7 +110,7 @@ async def test_serve_outlives_a_killed_qemu_and_serves_the_next_guest(qemu, asse
         events = EventListener()
         client.register_listener(events)
         initrd = tmp_path / "initrd.gz"
-        pv.pv_initramfs(initrd, assets, pv.pci_name(EP), fault_wait=60)
+        pv.pv_initramfs(initrd, assets, pci_name(EP), fault_wait=60)
         # 3.0 is behind the IOMMU but not declared with --endpoint: the guest's
         # PROBE of it gets NOENT, so the guest never attaches it
         topology = await pv.pv_topology(
