@@ -70,6 +70,10 @@ class VirtioDevice:
             raise ValueError(f"{self.name}: driver accepted features {extra:#x} never offered")
         self.driver_features = features
 
+    def set_status(self, status: int) -> None:
+        """The driver writes the device status: NEEDS_RESET stays the device's, except on 0."""
+        self.status = status and status | (self.status & STATUS_NEEDS_RESET)
+
     def has_feature_offered(self, n: int) -> bool:
         """Whether the device offers feature bit ``n``."""
         return bool(self.offered_features() & bit(n))

@@ -328,6 +328,11 @@ async def test_malicious_chain_sets_needs_reset(server: VhostUserServer, fe: Fak
     await asyncio.sleep(0.05)
     assert guest.req.used_idx() == 0
     assert EP not in server.device.iommu.attached
+    # The driver's status writes keep the device's NEEDS_RESET; only 0 clears it.
+    assert await fe.ack(R.SET_STATUS, p.U64.pack(0xF)) == 0
+    assert (await fe.call(R.GET_STATUS)).u64 == 0xF | STATUS_NEEDS_RESET
+    assert await fe.ack(R.SET_STATUS, p.U64.pack(0)) == 0
+    assert (await fe.call(R.GET_STATUS)).u64 == 0
 
 
 async def test_status_round_trip(fe: FakeFrontend) -> None:

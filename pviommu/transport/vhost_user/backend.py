@@ -393,10 +393,7 @@ class VhostUserConnection:
         status = self._u64(msg)
         if status > 0xFF:
             raise Refused(f"status {status:#x} does not fit in 8 bits")
-        if status == 0:
-            self.device.status = 0
-        else:
-            self.device.status = status | (self.device.status & 0x40)
+        self.device.set_status(status)
 
     def _do_get_status(self, msg: p.Message) -> bytes:
         self._require(PF.STATUS)
