@@ -164,6 +164,7 @@ class PvIommu:
                                      bypass_config=self.config.bypass_config)
         self.bypass = self.config.bypass
         self.mapping_count = 0
+        self.resv = self.config.resv_regions()  # MAP checks them on every request
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -280,7 +281,7 @@ class PvIommu:
         if dom.mappings.overlaps(virt_start, virt_end):
             return Status.INVAL
         if any(r.start <= virt_end and virt_start <= r.end
-               for r in self.config.resv_regions()):
+               for r in self.resv):
             return Status.INVAL
         if self.mapping_count >= self.config.max_mappings:
             log.warning("MAP: the limit of %d mappings is reached", self.config.max_mappings)
@@ -308,7 +309,7 @@ class PvIommu:
         """PROBE: the endpoint's reserved regions."""
         if not self.endpoint_exists(endpoint):
             return Status.NOENT, []
-        return Status.OK, self.config.resv_regions()
+        return Status.OK, self.resv
 
     # -- translation --------------------------------------------------------------
 
