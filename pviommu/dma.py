@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from typing import Protocol
 
-from .memory import GuestMemory, MemoryAccessError
+from .memory import GuestMemory, MemoryAccessError, Piece, RemoteRange
 
 
 class Access(enum.IntFlag):
@@ -50,6 +50,40 @@ class DmaSpace(Protocol):
         """Copies ``data`` to DMA address ``addr``."""
         ...
 
+    def resolve(self, addr: int, length: int, access: Access) -> list[Piece]:
+        """The pieces of guest memory behind ``[addr, addr+length)`` for ``access``.
+
+        Translates the whole range before returning anything, so a device that
+        resolves all its buffers first touches no byte of a request that faults.
+        """
+        ...
+
+
+async def load(pieces: list[Piece]) -> bytes:
+    """The bytes behind resolved ``pieces`` (remote ones fetched from the frontend)."""
+    parts = [await p.read() if isinstance(p, RemoteRange) else p for p in pieces]
+    return b"".join(parts)
+
+
+async def store(pieces: list[Piece], data: bytes | bytearray | memoryview) -> None:
+    """Writes ``data`` (exactly their total length) into resolved ``pieces``."""
+    src = memoryview(data)
+    pos = 0
+    for p in pieces:
+        n = p.length if isinstance(p, RemoteRange) else len(p)
+        if isinstance(p, RemoteRange):
+            await p.write(src[pos:pos + n])
+        else:
+            p[:] = src[pos:pos + n]
+        pos += n
+
+
+def local_views(pieces: list[Piece]) -> list[memoryview] | None:
+    """The pieces as views if every one is local (zero-copy I/O), else None."""
+    if any(isinstance(p, RemoteRange) for p in pieces):
+        return None
+    return pieces  # type: ignore[return-value]
+
 
 class PhysicalDma:
     """Identity DMA space: DMA addresses are guest-physical addresses."""
@@ -64,3 +98,7 @@ class PhysicalDma:
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         """Copies ``data`` to guest-physical ``addr``."""
         self.memory.write(addr, data)
+
+    def resolve(self, addr: int, length: int, access: Access) -> list[Piece]:
+        """The one piece at guest-physical ``addr`` (it must lie in one region)."""
+        return [self.memory.piece(addr, length, write=bool(access & Access.WRITE))]

@@ -12,6 +12,7 @@ import logging
 import mmap
 import os
 from dataclasses import dataclass
+from typing import Protocol
 
 log = logging.getLogger(__name__)
 
@@ -19,10 +20,56 @@ log = logging.getLogger(__name__)
 class MemoryAccessError(Exception):
     """An access that falls outside every guest memory region."""
 
-    def __init__(self, address: int, length: int, what: str = "guest address") -> None:
-        super().__init__(f"{what} range {address:#x}+{length:#x} is outside guest memory")
+    def __init__(self, address: int, length: int, what: str = "guest address",
+                 problem: str = "is outside guest memory") -> None:
+        super().__init__(f"{what} range {address:#x}+{length:#x} {problem}")
         self.address = address
         self.length = length
+
+
+class RemoteMemoryError(MemoryAccessError):
+    """The range lies in a region without a file descriptor: only the frontend can
+    reach it (vfio-user DMA_READ/DMA_WRITE), so it has no local view."""
+
+    def __init__(self, address: int, length: int) -> None:
+        super().__init__(address, length, problem="is in memory without an fd (no local view)")
+
+
+class RemoteAccess(Protocol):
+    """How a frontend reads and writes memory the backend cannot map."""
+
+    async def read(self, gpa: int, length: int) -> bytes:
+        """Copies ``length`` bytes at ``gpa`` from the frontend."""
+        ...
+
+    async def write(self, gpa: int, data: bytes) -> None:
+        """Copies ``data`` to ``gpa`` through the frontend."""
+        ...
+
+
+@dataclass(frozen=True)
+class RemoteRange:
+    """A piece of guest memory reachable only through ``memory.remote``."""
+
+    memory: GuestMemory
+    gpa: int
+    length: int
+
+    async def read(self) -> bytes:
+        """The bytes of the range, fetched from the frontend."""
+        if self.memory.remote is None:
+            raise RemoteMemoryError(self.gpa, self.length)
+        return await self.memory.remote.read(self.gpa, self.length)
+
+    async def write(self, data: bytes) -> None:
+        """Stores ``data`` (exactly ``length`` bytes) through the frontend."""
+        if self.memory.remote is None:
+            raise RemoteMemoryError(self.gpa, self.length)
+        await self.memory.remote.write(self.gpa, bytes(data))
+
+
+Piece = memoryview | RemoteRange
+"""A resolved piece of a DMA buffer: a local view, or a range only the frontend reaches."""
 
 
 @dataclass(frozen=True)
@@ -36,17 +83,26 @@ class RegionSpec:
 
 
 class Region:
-    """One mapped region: ``size`` bytes of the fd at ``mmap_offset``, seen at ``gpa``."""
+    """One region: ``size`` bytes of the fd at ``mmap_offset``, seen at ``gpa``.
 
-    def __init__(self, spec: RegionSpec, fd: int) -> None:
+    Without an fd (``fd`` None) the region is *remote*: it exists, but only the
+    frontend can read or write it. ``writable`` False maps it read-only.
+    """
+
+    def __init__(self, spec: RegionSpec, fd: int | None, writable: bool = True) -> None:
         if spec.size <= 0:
             raise ValueError(f"memory region at {spec.gpa:#x} has size {spec.size}")
         if spec.gpa + spec.size > 1 << 64 or spec.uaddr + spec.size > 1 << 64:
             raise ValueError(f"memory region at {spec.gpa:#x} wraps the address space")
         self.spec = spec
+        self.writable = writable
+        self._mmap: mmap.mmap | None = None
+        self.view: memoryview | None = None
+        if fd is None:
+            return
         page_off = spec.mmap_offset % mmap.PAGESIZE
-        self._mmap = mmap.mmap(fd, spec.size + page_off, mmap.MAP_SHARED,
-                               mmap.PROT_READ | mmap.PROT_WRITE,
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        self._mmap = mmap.mmap(fd, spec.size + page_off, mmap.MAP_SHARED, prot,
                                offset=spec.mmap_offset - page_off)
         self._base = memoryview(self._mmap)
         self.view = self._base[page_off:page_off + spec.size]
@@ -63,6 +119,8 @@ class Region:
 
     def close(self) -> None:
         """Unmaps the region; views still held elsewhere keep it alive until released."""
+        if self._mmap is None or self.view is None:
+            return
         self.view.release()
         self._base.release()
         try:
@@ -77,6 +135,7 @@ class GuestMemory:
     def __init__(self) -> None:
         self._regions: list[Region] = []
         self._starts: list[int] = []
+        self.remote: RemoteAccess | None = None
 
     @property
     def regions(self) -> list[RegionSpec]:
@@ -110,6 +169,45 @@ class GuestMemory:
         self._regions = new
         self._starts = [r.gpa for r in new]
 
+    def add_region(self, spec: RegionSpec, fd: int | None, writable: bool = True) -> None:
+        """Adds one region (remote if ``fd`` is None); ``fd`` is closed in any case.
+
+        Raises ValueError if it overlaps a region already there or cannot be mapped.
+        """
+        try:
+            for r in self._regions:
+                if r.gpa < spec.gpa + spec.size and spec.gpa < r.end:
+                    raise ValueError(f"region {spec.gpa:#x}+{spec.size:#x} overlaps the region "
+                                     f"{r.gpa:#x}+{r.spec.size:#x}")
+            region = Region(spec, fd, writable)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"cannot map guest memory: {e}") from e
+        finally:
+            if fd is not None:
+                os.close(fd)
+        i = bisect.bisect_right(self._starts, region.gpa)
+        self._regions.insert(i, region)
+        self._starts.insert(i, region.gpa)
+
+    def remove_range(self, gpa: int, size: int) -> int:
+        """Removes every region that lies inside ``[gpa, gpa+size)``; returns how many.
+
+        Raises ValueError, removing nothing, if a region straddles either end.
+        """
+        end = gpa + size
+        inside = [r for r in self._regions if gpa <= r.gpa and r.end <= end]
+        straddling = [r for r in self._regions
+                      if r.gpa < end and gpa < r.end and r not in inside]
+        if straddling:
+            r = straddling[0]
+            raise ValueError(f"range {gpa:#x}+{size:#x} cuts the region {r.gpa:#x}+"
+                             f"{r.spec.size:#x}; unmap whole regions")
+        for r in inside:
+            r.close()
+        self._regions = [r for r in self._regions if r not in inside]
+        self._starts = [r.gpa for r in self._regions]
+        return len(inside)
+
     def clear(self) -> None:
         """Unmaps every region."""
         for r in self._regions:
@@ -133,15 +231,30 @@ class GuestMemory:
             return False
         return True
 
-    def view(self, gpa: int, length: int) -> memoryview:
-        """A zero-copy view of ``length`` bytes at ``gpa``, inside one region."""
+    def view(self, gpa: int, length: int, write: bool = True) -> memoryview:
+        """A zero-copy view of ``length`` bytes at ``gpa``, inside one region.
+
+        Raises RemoteMemoryError for a region without an fd, MemoryAccessError
+        for a write view of a read-only region.
+        """
+        piece = self.piece(gpa, length, write)
+        if isinstance(piece, RemoteRange):
+            raise RemoteMemoryError(gpa, length)
+        return piece
+
+    def piece(self, gpa: int, length: int, write: bool = True) -> Piece:
+        """``length`` bytes at ``gpa`` inside one region: a view, or a RemoteRange."""
         r = self._region(gpa, length)
+        if write and not r.writable:
+            raise MemoryAccessError(gpa, length, problem="is in read-only memory")
+        if r.view is None:
+            return RemoteRange(self, gpa, length)
         off = gpa - r.gpa
         return r.view[off:off + length]
 
     def read(self, gpa: int, length: int) -> bytes:
         """Copies ``length`` bytes from ``gpa``."""
-        return bytes(self.view(gpa, length))
+        return bytes(self.view(gpa, length, write=False))
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         """Copies ``data`` to ``gpa``."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..dma import Access, DmaFault
-from ..memory import GuestMemory
+from ..memory import GuestMemory, Piece
 from .pv import PvIommu
 
 FaultReport = Callable[[DmaFault], None]
@@ -36,10 +36,16 @@ class DomainDma:
                 self.report(fault)
             raise
 
+    def resolve(self, addr: int, length: int, access: Access) -> list[Piece]:
+        """The guest memory behind ``[addr, addr+length)``, every piece translated first."""
+        write = bool(access & Access.WRITE)
+        return [self.memory.piece(gpa, n, write)
+                for gpa, n in self._translate(addr, length, access)]
+
     def read(self, addr: int, length: int) -> bytes:
         """Copies ``length`` bytes from I/O virtual address ``addr``."""
         pieces = self._translate(addr, length, Access.READ)
-        views = [self.memory.view(gpa, n) for gpa, n in pieces]
+        views = [self.memory.view(gpa, n, write=False) for gpa, n in pieces]
         return b"".join(views)
 
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:

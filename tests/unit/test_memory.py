@@ -7,7 +7,13 @@ import os
 
 import pytest
 
-from pviommu.memory import GuestMemory, MemoryAccessError, RegionSpec
+from pviommu.memory import (
+    GuestMemory,
+    MemoryAccessError,
+    RegionSpec,
+    RemoteMemoryError,
+    RemoteRange,
+)
 from tests.fakes.virtio_driver import memfd_memory
 
 GPA = 0x40000000
@@ -230,3 +236,60 @@ def test_clear_with_a_view_still_held_does_not_crash(mem):
     view[:] = b"live"  # the mapping stays alive until the view goes
     assert os.pread(fd, 4, 0) == b"live"
     view.release()
+
+
+# -- regions added one by one (vfio-user DMA_MAP), remote regions, read-only ones --
+
+
+def test_add_region_and_remove_range_follow_the_dma_map_table():
+    memory = GuestMemory()
+    try:
+        memory.add_region(RegionSpec(0x1000_0000, PAGE, 0, 0), _memfd(PAGE, b"one"))
+        memory.add_region(RegionSpec(0x3000_0000, 2 * PAGE, 0, PAGE), _memfd(3 * PAGE))
+        assert memory.read(0x1000_0000, 3) == b"one"
+        with pytest.raises(ValueError, match="overlaps"):
+            memory.add_region(RegionSpec(0x3000_0000 + PAGE, PAGE, 0, 0), _memfd(PAGE))
+        with pytest.raises(ValueError, match="cuts the region"):
+            memory.remove_range(0x3000_0000, PAGE)
+        assert memory.contains(0x3000_0000, 2 * PAGE)
+        assert memory.remove_range(0x0, 0x2000_0000) == 1
+        assert not memory.contains(0x1000_0000, 1)
+        assert memory.remove_range(0x2000_0000, 0x2000_0000) == 1
+        assert memory.regions == []
+    finally:
+        memory.clear()
+
+
+def test_add_region_closes_its_fd_even_when_refused():
+    memory = GuestMemory()
+    memory.add_region(RegionSpec(0, PAGE, 0, 0), _memfd(PAGE))
+    fd = _memfd(PAGE)
+    with pytest.raises(ValueError):
+        memory.add_region(RegionSpec(0, PAGE, 0, 0), fd)
+    assert not _is_open(fd)
+    memory.clear()
+
+
+def test_a_region_without_fd_is_remote():
+    memory = GuestMemory()
+    memory.add_region(RegionSpec(0x5000_0000, PAGE, 0, 0), None)
+    piece = memory.piece(0x5000_0010, 16)
+    assert isinstance(piece, RemoteRange)
+    assert (piece.gpa, piece.length) == (0x5000_0010, 16)
+    with pytest.raises(RemoteMemoryError):
+        memory.read(0x5000_0010, 16)
+    with pytest.raises(MemoryAccessError):
+        memory.piece(0x5000_0000 + PAGE - 1, 2)
+
+
+def test_read_only_regions_refuse_write_views(mem):
+    memory = GuestMemory()
+    memory.add_region(RegionSpec(0x6000_0000, PAGE, 0, 0), _memfd(PAGE, b"rom"), writable=False)
+    try:
+        assert memory.read(0x6000_0000, 3) == b"rom"
+        with pytest.raises(MemoryAccessError, match="read-only"):
+            memory.write(0x6000_0000, b"x")
+        with pytest.raises(MemoryAccessError, match="read-only"):
+            memory.piece(0x6000_0000, 1, write=True)
+    finally:
+        memory.clear()
