@@ -144,6 +144,20 @@ class Negotiated:
 EventSink = Callable[[str, dict[str, int]], None]
 
 
+@dataclass(frozen=True)
+class ArmedRevocation:
+    """Revoke the mapping under ``endpoint``'s next DMA of at least ``min_length`` bytes
+    (of kind ``access``, if given)."""
+
+    endpoint: int
+    min_length: int = 512
+    access: Access | None = None
+
+    def matches(self, length: int, access: Access) -> bool:
+        """Whether an access of ``length`` bytes and kind ``access`` triggers it."""
+        return length >= self.min_length and (self.access is None or bool(self.access & access))
+
+
 class PvIommu:
     """Endpoints and domains of one PV-IOMMU.
 
@@ -165,6 +179,7 @@ class PvIommu:
         self.bypass = self.config.bypass
         self.mapping_count = 0
         self.resv = self.config.resv_regions()  # MAP checks them on every request
+        self.armed: dict[int, ArmedRevocation] = {}
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -197,9 +212,9 @@ class PvIommu:
             return Status.INVAL
         return dom
 
-    def _emit(self, event: str, domain: int, endpoint: int) -> None:
+    def _emit(self, event: str, domain: int, endpoint: int, **extra: int) -> None:
         if self.on_event is not None:
-            self.on_event(event, {"domain": domain, "endpoint": endpoint})
+            self.on_event(event, {"domain": domain, "endpoint": endpoint, **extra})
 
     # -- requests ---------------------------------------------------------------
 
@@ -311,6 +326,30 @@ class PvIommu:
             return Status.NOENT, []
         return Status.OK, self.resv
 
+    # -- host-side revocation ------------------------------------------------------
+
+    def revoke(self, endpoint: int, iova: int) -> Mapping | None:
+        """Takes away, behind the guest's back, the mapping that holds ``iova`` in
+        ``endpoint``'s domain; returns it (None if there is none)."""
+        domain = self.attached.get(endpoint)
+        dom = self.domains.get(domain) if domain is not None else None
+        if dom is None or dom.bypass:
+            return None
+        m = dom.mappings.find(iova)
+        if m is None:
+            return None
+        dom.mappings.remove_range(m.virt_start, m.virt_end)
+        self.mapping_count -= 1
+        log.warning("revoked mapping %#x-%#x -> %#x of domain %d (endpoint %#x)",
+                    m.virt_start, m.virt_end, m.phys_start, dom.id, endpoint)
+        self._emit("revoked", dom.id, endpoint, virt_start=m.virt_start, virt_end=m.virt_end,
+                   phys_start=m.phys_start, flags=m.flags)
+        return m
+
+    def arm_revocation(self, armed: ArmedRevocation) -> None:
+        """The next matching DMA of ``armed.endpoint`` loses its mapping, then faults."""
+        self.armed[armed.endpoint] = armed
+
     # -- translation --------------------------------------------------------------
 
     def translate(self, endpoint: int, iova: int, length: int, access: Access
@@ -330,6 +369,9 @@ class PvIommu:
         dom = self.domains[domain]
         if dom.bypass:
             return [(iova, length)]
+        armed = self.armed.get(endpoint)
+        if armed is not None and armed.matches(length, access) and self.revoke(endpoint, iova):
+            del self.armed[endpoint]
         need = (MAP_F_WRITE if access & Access.WRITE else 0) | (
             MAP_F_READ if access & (Access.READ | Access.EXEC) else 0)
         out: list[tuple[int, int]] = []

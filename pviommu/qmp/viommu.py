@@ -12,20 +12,21 @@ from typing import Any
 from ..devices.viommu import Fault, VirtioIommu
 from ..dma import Access
 from ..iommu.mappings import MAP_F_MMIO, MAP_F_READ, MAP_F_WRITE
-from ..iommu.pv import FaultReason, PvIommu
+from ..iommu.pv import ArmedRevocation, FaultReason, PvIommu
 from .server import QmpError, QmpServer
 
 EVENT_FAULT = "IOMMU_FAULT"
 EVENT_ATTACHED = "IOMMU_ENDPOINT_ATTACHED"
 EVENT_DETACHED = "IOMMU_ENDPOINT_DETACHED"
+_EVENTS = {"attached": EVENT_ATTACHED, "detached": EVENT_DETACHED}
 
 _ACCESS = {"read": Access.READ, "write": Access.WRITE, "exec": Access.EXEC}
 _REASON = {"unknown": FaultReason.UNKNOWN, "domain": FaultReason.DOMAIN,
            "mapping": FaultReason.MAPPING}
 
 
-def _args(args: dict[str, Any], required: dict[str, type], optional: dict[str, type] | None = None
-          ) -> dict[str, Any]:
+def check_args(args: dict[str, Any], required: dict[str, type],
+               optional: dict[str, type] | None = None) -> dict[str, Any]:
     """Checks QMP arguments like QEMU does: missing, unexpected, wrong type."""
     optional = optional or {}
     for name in args:
@@ -83,6 +84,8 @@ class ViommuCommands:
             ("query-viommu-stats", self.query_stats, "Request and fault counters"),
             ("query-viommu-config", self.query_config, "What the device presents"),
             ("inject-fault", self.inject_fault, "Report a fault to the guest"),
+            ("revoke-mapping", self.revoke_mapping,
+             "Take a live mapping away from an endpoint's domain"),
         ):
             server.register(name, handler, doc=doc)
         device.fault_listeners.append(self._on_fault)
@@ -91,7 +94,8 @@ class ViommuCommands:
         def on_event(kind: str, data: dict[str, int]) -> None:
             if previous is not None:
                 previous(kind, data)
-            server.emit(EVENT_ATTACHED if kind == "attached" else EVENT_DETACHED, dict(data))
+            if kind in _EVENTS:
+                server.emit(_EVENTS[kind], dict(data))
         iommu.on_event = on_event
 
     def _on_fault(self, fault: Fault, delivered: bool) -> None:
@@ -99,14 +103,14 @@ class ViommuCommands:
 
     def query_domains(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         """``query-viommu-domains``: every domain."""
-        _args(args, {})
+        check_args(args, {})
         return [{"id": d.id, "bypass": d.bypass, "endpoints": sorted(d.endpoints),
                  "mappings": len(d.mappings)} for d in sorted(self.iommu.domains.values(),
                                                               key=lambda d: d.id)]
 
     def query_mappings(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         """``query-viommu-mappings``: a domain's mappings overlapping [start, end]."""
-        a = _args(args, {"domain": int}, {"start": int, "end": int})
+        a = check_args(args, {"domain": int}, {"start": int, "end": int})
         dom = self.iommu.domains.get(a["domain"])
         if dom is None:
             raise QmpError("GenericError", f"Domain {a['domain']} does not exist")
@@ -120,7 +124,7 @@ class ViommuCommands:
 
     def query_endpoints(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         """``query-viommu-endpoints``: declared endpoints and any the guest attached."""
-        _args(args, {})
+        check_args(args, {})
         ids = set(self.iommu.attached) | set(self.iommu.known or ())
         out = []
         for eid in sorted(ids):
@@ -134,7 +138,7 @@ class ViommuCommands:
 
     def query_stats(self, args: dict[str, Any]) -> dict[str, Any]:
         """``query-viommu-stats``: requests by type and status, faults."""
-        _args(args, {})
+        check_args(args, {})
         requests = [{"type": t.lower(), "status": s.lower(), "count": n}
                     for (t, s), n in sorted(self.device.requests.items())]
         out: dict[str, Any] = {
@@ -149,7 +153,7 @@ class ViommuCommands:
 
     def query_config(self, args: dict[str, Any]) -> dict[str, Any]:
         """``query-viommu-config``: config space, features, reserved regions."""
-        _args(args, {})
+        check_args(args, {})
         cfg = self.iommu.config
         return {
             "page-size-mask": cfg.page_size_mask,
@@ -169,7 +173,7 @@ class ViommuCommands:
 
     def inject_fault(self, args: dict[str, Any]) -> dict[str, Any]:
         """``inject-fault``: report a fault through the same path as a failed translation."""
-        a = _args(args, {"endpoint": int, "address": int},
+        a = check_args(args, {"endpoint": int, "address": int},
                   {"access": str, "reason": str})
         if a["endpoint"] > 0xFFFFFFFF:
             raise QmpError("GenericError", "Parameter 'endpoint' is out of range")
@@ -177,3 +181,28 @@ class ViommuCommands:
         reason = _choice("reason", a.get("reason", "mapping"), _REASON)
         fault = Fault(a["endpoint"], a["address"], access, reason)
         return {"delivered": self.device.report_fault(fault)}
+
+    def revoke_mapping(self, args: dict[str, Any]) -> dict[str, Any]:
+        """``revoke-mapping``: remove a mapping of ``endpoint``'s domain behind the guest's back.
+
+        With ``address``, the mapping holding it goes now. Without, the revocation
+        is armed: the endpoint's next DMA of at least ``min-size`` bytes (of kind
+        ``access``, if given) loses the mapping under it and faults.
+        """
+        a = check_args(args, {"endpoint": int}, {"address": int, "min-size": int, "access": str})
+        endpoint = a["endpoint"]
+        if not self.iommu.endpoint_exists(endpoint):
+            raise QmpError("GenericError", f"Endpoint {endpoint:#x} does not exist")
+        if "address" in a:
+            if "min-size" in a or "access" in a:
+                raise QmpError("GenericError",
+                               "'min-size' and 'access' only apply without 'address'")
+            m = self.iommu.revoke(endpoint, a["address"])
+            if m is None:
+                raise QmpError("GenericError", f"Endpoint {endpoint:#x} has no mapping at "
+                               f"{a['address']:#x}")
+            return {"armed": False, "virt-start": m.virt_start, "virt-end": m.virt_end,
+                    "phys-start": m.phys_start}
+        access = _choice("access", a["access"], _ACCESS) if "access" in a else None
+        self.iommu.arm_revocation(ArmedRevocation(endpoint, a.get("min-size", 512), access))
+        return {"armed": True}

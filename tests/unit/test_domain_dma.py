@@ -5,9 +5,9 @@ import os
 import pytest
 
 from pviommu.backend import Backend, BackendConfig
-from pviommu.dma import Access, DmaFault
+from pviommu.dma import Access, DmaFault, load, local_views, store
 from pviommu.iommu.mappings import MAP_F_READ, MAP_F_WRITE
-from pviommu.iommu.pv import ATTACH_F_BYPASS, Status
+from pviommu.iommu.pv import ATTACH_F_BYPASS, ArmedRevocation, Status
 from pviommu.memory import GuestMemory, MemoryAccessError, RegionSpec
 
 GPA = 0x40000000
@@ -88,3 +88,72 @@ def test_unattached_and_bypass_endpoints(backend, memory):
     with pytest.raises(MemoryAccessError):
         dma.read(0, 4)
     assert len(faults) == 1
+
+
+class _FakeRemote:
+    """The frontend's side of memory without an fd: records what crosses it."""
+
+    def __init__(self, size: int) -> None:
+        self.data = bytearray(size)
+        self.calls: list[tuple[str, int, int]] = []
+
+    async def read(self, gpa: int, length: int) -> bytes:
+        self.calls.append(("read", gpa, length))
+        return bytes(self.data[gpa - REMOTE:gpa - REMOTE + length])
+
+    async def write(self, gpa: int, data: bytes) -> None:
+        self.calls.append(("write", gpa, len(data)))
+        self.data[gpa - REMOTE:gpa - REMOTE + len(data)] = data
+
+
+REMOTE = GPA + SIZE  # a remote region right after the memfd one
+
+
+async def test_resolve_translates_everything_first_and_pieces_reach_local_and_remote_memory(
+        backend, memory):
+    b, faults = backend
+    remote = _FakeRemote(0x2000)
+    memory.add_region(RegionSpec(REMOTE, 0x2000, 0, 0), None)
+    memory.remote = remote
+    b.iommu.attach(1, EP, 0)
+    b.iommu.map(1, 0x10000, 0x10FFF, GPA + 0x3000, MAP_F_READ | MAP_F_WRITE)
+    b.iommu.map(1, 0x11000, 0x11FFF, REMOTE, MAP_F_READ | MAP_F_WRITE)
+    dma = b.endpoint_dma(EP, memory)
+    pieces = dma.resolve(0x10F00, 0x200, Access.WRITE)
+    assert local_views(pieces) is None
+    await store(pieces, b"L" * 0x100 + b"R" * 0x100)
+    assert memory.read(GPA + 0x3F00, 0x100) == b"L" * 0x100
+    assert remote.data[:0x100] == b"R" * 0x100
+    assert await load(dma.resolve(0x10F00, 0x200, Access.READ)) == b"L" * 0x100 + b"R" * 0x100
+    assert remote.calls == [("write", REMOTE, 0x100), ("read", REMOTE, 0x100)]
+    views = local_views(dma.resolve(0x10000, 0x10, Access.READ))
+    assert views is not None and bytes(views[0]) == bytes(0x10)
+    # the second page is missing: nothing resolves, nothing crossed to the frontend
+    with pytest.raises(DmaFault):
+        dma.resolve(0x10F00, 0x2000, Access.READ)
+    assert len(remote.calls) == 2 and len(faults) == 1
+
+
+def test_an_armed_revocation_takes_the_mapping_under_the_next_big_dma(backend, memory):
+    b, faults = backend
+    events = []
+    b.iommu.on_event = lambda kind, data: events.append((kind, data))
+    b.iommu.attach(1, EP, 0)
+    b.iommu.map(1, 0x10000, 0x10FFF, GPA, MAP_F_READ | MAP_F_WRITE)
+    b.iommu.map(1, 0x20000, 0x20FFF, GPA + 0x1000, MAP_F_READ | MAP_F_WRITE)
+    b.iommu.arm_revocation(ArmedRevocation(EP, min_length=512, access=Access.WRITE))
+    dma = b.endpoint_dma(EP, memory)
+    dma.write(0x10000, b"small")            # too small: not the one
+    dma.read(0x20000, 0x1000)               # a read: not the one
+    with pytest.raises(DmaFault) as info:
+        dma.write(0x20010, bytes(0x800))
+    assert info.value.reason == "MAPPING" and info.value.address == 0x20010
+    assert [m.virt_start for m in b.iommu.domains[1].mappings] == [0x10000]
+    assert b.iommu.mapping_count == 1 and not b.iommu.armed
+    assert events[-1] == ("revoked", {"domain": 1, "endpoint": EP, "virt_start": 0x20000,
+                                      "virt_end": 0x20FFF, "phys_start": GPA + 0x1000,
+                                      "flags": MAP_F_READ | MAP_F_WRITE})
+    assert len(faults) == 1
+    # the guest's own UNMAP of the revoked range later finds nothing and succeeds
+    assert b.iommu.unmap(1, 0x20000, 0x20FFF) == Status.OK
+    assert b.iommu.revoke(EP, 0x30000) is None

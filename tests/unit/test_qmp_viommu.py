@@ -8,6 +8,7 @@ import pytest
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
 from pviommu.devices.viommu import VirtioIommu
+from pviommu.dma import Access
 from pviommu.iommu.mappings import MAP_F_READ, MAP_F_WRITE
 from pviommu.iommu.pv import IommuConfig, PvIommu, ResvRegion, Status
 from pviommu.qmp.server import QmpServer
@@ -132,3 +133,26 @@ async def test_qmp_shell_drives_the_backend(backend):
     assert proc.returncode == 0, text
     assert '{"return": [{"id": 3, "bypass": false, "endpoints": [24], "mappings": 0}]}' in text
     assert '{"return": {"delivered": false}}' in text
+
+
+async def test_revoke_mapping_now_or_armed(backend):
+    iommu, _device, client, _events, _ = backend
+    iommu.attach(3, 0x10, 0)
+    iommu.map(3, 0x10000, 0x1FFFF, 0x40000000, MAP_F_READ | MAP_F_WRITE)
+    iommu.map(3, 0x20000, 0x20FFF, 0x40100000, MAP_F_READ)
+    got = await client.execute("revoke-mapping", {"endpoint": 0x10, "address": 0x10800})
+    assert got == {"armed": False, "virt-start": 0x10000, "virt-end": 0x1FFFF,
+                   "phys-start": 0x40000000}
+    assert [m["virt-start"] for m in await client.execute(
+        "query-viommu-mappings", {"domain": 3})] == [0x20000]
+    for args, message in (
+            ({"endpoint": 0x10, "address": 0x10800}, "no mapping at 0x10800"),
+            ({"endpoint": 0x99}, "does not exist"),
+            ({"endpoint": 0x10, "address": 0x20000, "min-size": 4}, "only apply"),
+            ({"endpoint": 0x10, "access": "sideways"}, "does not accept")):
+        with pytest.raises(ExecuteError, match=message):
+            await client.execute("revoke-mapping", args)
+    assert await client.execute("revoke-mapping", {"endpoint": 0x10, "min-size": 4096,
+                                                   "access": "read"}) == {"armed": True}
+    armed = iommu.armed[0x10]
+    assert (armed.min_length, armed.access) == (4096, Access.READ)
