@@ -1,0 +1,1 @@
+"""PCI functions as the backend presents them to a PCI transport (vfio-user)."""
