@@ -1,14 +1,25 @@
-"""The device-model side of virtio, independent of how the device reaches QEMU."""
+"""The device-model side of virtio, independent of how the device reaches QEMU.
+
+Devices whose requests wait (file I/O, guest memory only the frontend can
+reach) handle each request in its own asyncio task: :meth:`VirtioDevice.serve`
+pops the chains and spawns one task per chain, :meth:`VirtioDevice.complete`
+returns a chain to the driver. A reset, or stopping or replacing a queue,
+cancels that queue's tasks; a completion that still arrives for a queue that
+is no longer the device's current one is dropped, so it never touches the old
+rings. Requests may complete out of order.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from typing import Any, Protocol
 
-from ..dma import DMA_ERRORS, DmaSpace, PhysicalDma
-from ..memory import GuestMemory
-from .features import F_VERSION_1, STATUS_NEEDS_RESET, bit
-from .queue import SplitQueue, VirtqueueError
+from ..dma import DMA_ERRORS, Access, DmaSpace, PhysicalDma
+from ..memory import GuestMemory, Piece, RemoteRange
+from .features import F_ACCESS_PLATFORM, F_VERSION_1, STATUS_NEEDS_RESET, bit
+from .queue import Chain, SplitQueue, VirtqueueError
 
 log = logging.getLogger(__name__)
 
@@ -25,17 +36,28 @@ class VirtioTransport(Protocol):
         ...
 
 
+RequestHandler = Callable[[SplitQueue, Chain], Awaitable[int]]
+"""Handles one chain of a queue; returns the number of bytes it wrote into the chain."""
+
+
 class VirtioDevice:
     """Base of a virtio device model: features, config space, queues, reset.
 
     Subclasses set ``device_id``, ``num_queues``, implement :meth:`config_bytes`,
     :meth:`offered_features` and :meth:`process`, and may override
-    :meth:`write_config` and :meth:`on_reset`.
+    :meth:`write_config` and :meth:`on_reset`. A device whose requests wait
+    implements :meth:`process` with :meth:`serve`.
+
+    ``queue_max_size`` is the largest queue the transport lets the driver
+    configure. ``access_platform`` makes the device offer VIRTIO_F_ACCESS_PLATFORM:
+    an endpoint behind an IOMMU, whose every DMA address is translated.
     """
 
     device_id: int = 0
     num_queues: int = 1
     name: str = "virtio"
+    queue_max_size: int = 256
+    access_platform: bool = False
 
     def __init__(self) -> None:
         self.transport: VirtioTransport | None = None
@@ -43,10 +65,15 @@ class VirtioDevice:
         self.driver_features = 0
         self.status = 0
         self.broken_reason: str | None = None
+        self._tasks: dict[SplitQueue, set[asyncio.Task[None]]] = {}
+        self._throttled: set[int] = set()
 
     def offered_features(self) -> int:
         """The device's feature bits (transport-independent ones included)."""
-        return bit(F_VERSION_1)
+        features = bit(F_VERSION_1)
+        if self.access_platform:
+            features |= bit(F_ACCESS_PLATFORM)
+        return features
 
     def config_bytes(self) -> bytes:
         """The device-specific configuration space as the driver reads it."""
@@ -92,14 +119,23 @@ class VirtioDevice:
         return self.broken_reason is not None
 
     def start_queue(self, index: int, queue: SplitQueue) -> None:
-        """Starts processing ``queue`` as queue ``index``."""
+        """Starts processing ``queue`` as queue ``index`` (a queue it replaces is stopped)."""
         if not 0 <= index < self.num_queues:
             raise ValueError(f"{self.name} has no queue {index}")
+        old = self.queues.get(index)
+        if old is not None and old is not queue:
+            self.cancel_requests(old)
+            self._throttled.discard(index)
         self.queues[index] = queue
 
     def stop_queue(self, index: int) -> SplitQueue | None:
-        """Stops queue ``index``; returns it so the caller can read its state."""
-        return self.queues.pop(index, None)
+        """Stops queue ``index`` and cancels its requests; returns it so the caller can
+        read its state."""
+        queue = self.queues.pop(index, None)
+        self._throttled.discard(index)
+        if queue is not None:
+            self.cancel_requests(queue)
+        return queue
 
     def kick(self, index: int) -> None:
         """The driver notified queue ``index``: process it, or break on a rule violation."""
@@ -114,6 +150,108 @@ class VirtioDevice:
     def process(self, index: int, queue: SplitQueue) -> None:
         """Handles every available chain of ``queue``."""
         raise NotImplementedError
+
+    # -- asynchronous requests -------------------------------------------------------------
+
+    def serve(self, index: int, queue: SplitQueue, handler: RequestHandler) -> None:
+        """Pops the available chains of ``queue`` and handles each in its own task.
+
+        Each chain is completed with the length ``handler`` returns (0 if it
+        raises: a request is never left pending). At most ``queue.size``
+        requests of a queue are in flight: a driver that makes more chains
+        available (only possible by reusing the heads of in-flight ones) waits
+        until one completes. Ring errors propagate (see :meth:`kick`).
+        """
+        while len(self._tasks.get(queue, ())) < queue.size:
+            chain = queue.pop()
+            if chain is None:
+                return
+            self.spawn(index, queue, self._run(index, queue, chain, handler))
+        log.debug("%s: queue %d: %d requests in flight; the rest waits", self.name, index,
+                  queue.size)
+        self._throttled.add(index)
+
+    async def _run(self, index: int, queue: SplitQueue, chain: Chain,
+                   handler: RequestHandler) -> None:
+        try:
+            written = await handler(queue, chain)
+        except Exception:  # a bug of ours must not leave the request pending
+            log.exception("%s: queue %d: internal error handling chain %d", self.name, index,
+                          chain.head)
+            written = 0
+        self.complete(index, queue, chain, written)
+
+    def spawn(self, index: int, queue: SplitQueue,
+              coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Runs ``coro``, a request of ``queue`` (queue ``index``), as a tracked task.
+
+        Stopping or replacing the queue, or resetting the device, cancels it.
+        Needs a running event loop.
+        """
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            coro.close()
+            raise
+        task = loop.create_task(coro, name=f"{self.name}-q{index}")
+        self._tasks.setdefault(queue, set()).add(task)
+        task.add_done_callback(lambda t: self._finished(index, queue, t))
+        return task
+
+    def _finished(self, index: int, queue: SplitQueue, task: asyncio.Task[None]) -> None:
+        tasks = self._tasks.get(queue)
+        if tasks is not None:
+            tasks.discard(task)
+            if not tasks:
+                del self._tasks[queue]
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: queue %d: request task failed", self.name, index,
+                      exc_info=task.exception())
+        if index in self._throttled and self.queues.get(index) is queue:
+            self._throttled.discard(index)
+            self.kick(index)  # chains left waiting by serve()
+
+    def complete(self, index: int, queue: SplitQueue, chain: Chain, written: int) -> bool:
+        """Returns ``chain`` to the driver with ``written`` bytes, then interrupts.
+
+        Only if ``queue`` is still the device's queue ``index`` and the device
+        is not broken; otherwise the completion is dropped (the old rings are
+        not touched) and False is returned.
+        """
+        if self.queues.get(index) is not queue or self.needs_reset:
+            log.debug("%s: queue %d: completion of chain %d dropped (queue reset, stopped "
+                      "or replaced)", self.name, index, chain.head)
+            return False
+        if not 0 <= written <= chain.writable_len:
+            log.error("%s: queue %d: chain %d completed with %d bytes of %d writable",
+                      self.name, index, chain.head, written, chain.writable_len)
+            written = min(max(written, 0), chain.writable_len)
+        try:
+            queue.push(chain, written)
+            self.interrupt(index)
+        except DMA_ERRORS as e:
+            self.fail(index, f"used ring: {e}")
+            return False
+        return True
+
+    def cancel_requests(self, queue: SplitQueue | None = None) -> None:
+        """Cancels the in-flight requests of ``queue`` (default: of every queue)."""
+        for q, tasks in list(self._tasks.items()):
+            if queue is None or q is queue:
+                for task in tasks:
+                    task.cancel()
+
+    @property
+    def in_flight(self) -> int:
+        """How many request tasks are running (cancelled ones until they end)."""
+        return sum(len(tasks) for tasks in self._tasks.values())
+
+    async def wait_idle(self) -> None:
+        """Waits until every request task has ended (including ones started meanwhile)."""
+        while self._tasks:
+            pending = set().union(*self._tasks.values())
+            await asyncio.wait(pending)
+            await asyncio.sleep(0)  # let the tasks' done callbacks run
 
     def interrupt(self, index: int) -> None:
         """Notifies the driver about used buffers of ``index`` if it wants to be."""
@@ -135,6 +273,8 @@ class VirtioDevice:
         ``system`` is a reset of the whole machine (the frontend went away),
         which also restores what survives a device reset.
         """
+        self.cancel_requests()
+        self._throttled.clear()
         self.queues.clear()
         self.driver_features = 0
         self.status = 0
@@ -143,3 +283,58 @@ class VirtioDevice:
 
     def on_reset(self, system: bool = False) -> None:
         """Device-specific part of a reset."""
+
+
+# -- resolving request buffers --------------------------------------------------------------
+
+
+def piece_len(piece: Piece) -> int:
+    """The length of a resolved piece."""
+    return piece.length if isinstance(piece, RemoteRange) else len(piece)
+
+
+def resolve_segments(dma: DmaSpace, segs: list[tuple[int, int]], offset: int, length: int,
+                     access: Access) -> list[Piece]:
+    """Resolves ``length`` bytes starting ``offset`` bytes into the buffers ``segs``.
+
+    Every buffer is translated before this returns, so a caller that resolves
+    all of a request's buffers first touches nothing when one fails
+    (:data:`~pviommu.dma.DMA_ERRORS` propagate). ValueError if the range does not
+    lie inside ``segs``.
+    """
+    total = sum(n for _, n in segs)
+    if offset < 0 or length < 0 or offset + length > total:
+        raise ValueError(f"{length} bytes at {offset} are outside a {total}-byte buffer")
+    pieces: list[Piece] = []
+    for addr, n in segs:
+        if length <= 0:
+            break
+        if offset >= n:
+            offset -= n
+            continue
+        take = min(n - offset, length)
+        pieces += dma.resolve(addr + offset, take, access)
+        length -= take
+        offset = 0
+    return pieces
+
+
+def split_pieces(pieces: list[Piece], limit: int) -> Iterator[list[Piece]]:
+    """``pieces`` cut into consecutive batches of at most ``limit`` bytes each."""
+    batch: list[Piece] = []
+    size = 0
+    for p in pieces:
+        pos, n = 0, piece_len(p)
+        while pos < n:
+            take = min(n - pos, limit - size)
+            if isinstance(p, RemoteRange):
+                batch.append(RemoteRange(p.memory, p.gpa + pos, take))
+            else:
+                batch.append(p[pos:pos + take])
+            size += take
+            pos += take
+            if size == limit:
+                yield batch
+                batch, size = [], 0
+    if batch:
+        yield batch
