@@ -58,6 +58,11 @@ class DmaSpace(Protocol):
         """
         ...
 
+    # Optional, for caching views of long-lived buffers (virtqueue rings):
+    # ``generation`` (changes whenever a translation given out may have gone)
+    # and ``try_view(addr, length, access) -> memoryview | None`` (no fault
+    # is reported). See SplitQueue.
+
 
 async def load(pieces: list[Piece]) -> bytes:
     """The bytes behind resolved ``pieces`` (remote ones fetched from the frontend)."""
@@ -102,3 +107,16 @@ class PhysicalDma:
     def resolve(self, addr: int, length: int, access: Access) -> list[Piece]:
         """The one piece at guest-physical ``addr`` (it must lie in one region)."""
         return [self.memory.piece(addr, length, write=bool(access & Access.WRITE))]
+
+    @property
+    def generation(self) -> object:
+        """Changes when views given out before may have become stale."""
+        return self.memory.generation
+
+    def try_view(self, addr: int, length: int, access: Access) -> memoryview | None:
+        """One local view of the range, or None (nothing is reported)."""
+        try:
+            piece = self.memory.piece(addr, length, write=bool(access & Access.WRITE))
+        except MemoryAccessError:
+            return None
+        return piece if isinstance(piece, memoryview) else None

@@ -136,6 +136,8 @@ class GuestMemory:
         self._regions: list[Region] = []
         self._starts: list[int] = []
         self.remote: RemoteAccess | None = None
+        # Changes whenever a region goes away, so views handed out may be stale.
+        self.generation = 0
 
     @property
     def regions(self) -> list[RegionSpec]:
@@ -204,12 +206,15 @@ class GuestMemory:
                              f"{r.spec.size:#x}; unmap whole regions")
         for r in inside:
             r.close()
+        if inside:
+            self.generation += 1
         self._regions = [r for r in self._regions if r not in inside]
         self._starts = [r.gpa for r in self._regions]
         return len(inside)
 
     def clear(self) -> None:
         """Unmaps every region."""
+        self.generation += 1
         for r in self._regions:
             r.close()
         self._regions = []

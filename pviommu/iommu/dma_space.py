@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..dma import Access, DmaFault
+from ..dma import DMA_ERRORS, Access, DmaFault
 from ..memory import GuestMemory, Piece
 from .pv import PvIommu
 
@@ -35,6 +35,22 @@ class DomainDma:
             if self.report is not None:
                 self.report(fault)
             raise
+
+    @property
+    def generation(self) -> object:
+        """Changes whenever a translation given out before may no longer hold."""
+        return (self.memory.generation, self.iommu.generation, self.iommu.bypass)
+
+    def try_view(self, addr: int, length: int, access: Access) -> memoryview | None:
+        """One local view of the translated range, or None; faults are not reported."""
+        try:
+            pieces = self.iommu.translate(self.endpoint, addr, length, access)
+            if len(pieces) != 1:
+                return None
+            piece = self.memory.piece(pieces[0][0], length, bool(access & Access.WRITE))
+        except DMA_ERRORS:
+            return None
+        return piece if isinstance(piece, memoryview) else None
 
     def resolve(self, addr: int, length: int, access: Access) -> list[Piece]:
         """The guest memory behind ``[addr, addr+length)``, every piece translated first."""

@@ -180,11 +180,15 @@ class PvIommu:
         self.mapping_count = 0
         self.resv = self.config.resv_regions()  # MAP checks them on every request
         self.armed: dict[int, ArmedRevocation] = {}
+        # Changes whenever a translation may have gone (UNMAP, DETACH, ATTACH
+        # elsewhere, revocation, reset): cached translations are then stale.
+        self.generation = 0
 
     # -- lifecycle --------------------------------------------------------------
 
     def reset(self, system: bool = False) -> None:
         """Device reset: no domain, no attachment. A system reset also restores bypass."""
+        self.generation += 1
         for endpoint in list(self.attached):
             self._detach(endpoint)
         self.domains.clear()
@@ -240,6 +244,7 @@ class PvIommu:
             return Status.NOMEM
         if endpoint in self.attached:
             self._detach(endpoint)
+        self.generation += 1
         if dom is None:
             dom = self.domains[domain] = Domain(domain, bypass)
         dom.endpoints.add(endpoint)
@@ -261,6 +266,7 @@ class PvIommu:
         return Status.OK
 
     def _detach(self, endpoint: int) -> None:
+        self.generation += 1
         domain = self.attached.pop(endpoint)
         dom = self.domains[domain]
         dom.endpoints.discard(endpoint)
@@ -317,6 +323,8 @@ class PvIommu:
         removed = dom.mappings.remove_range(virt_start, virt_end)
         if removed is None:
             return Status.RANGE
+        if removed:
+            self.generation += 1
         self.mapping_count -= len(removed)
         return Status.OK
 
@@ -340,6 +348,7 @@ class PvIommu:
             return None
         dom.mappings.remove_range(m.virt_start, m.virt_end)
         self.mapping_count -= 1
+        self.generation += 1
         log.warning("revoked mapping %#x-%#x -> %#x of domain %d (endpoint %#x)",
                     m.virt_start, m.virt_end, m.phys_start, dom.id, endpoint)
         self._emit("revoked", dom.id, endpoint, virt_start=m.virt_start, virt_end=m.virt_end,

@@ -12,7 +12,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from ..dma import DmaSpace
+from ..dma import Access, DmaSpace
 
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
@@ -23,6 +23,8 @@ USED_F_NO_NOTIFY = 1
 MAX_QUEUE_SIZE = 32768
 MAX_CHAIN_BYTES = 1 << 32
 _DESC = struct.Struct("<QIHH")
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")
 
 
 class VirtqueueError(Exception):
@@ -93,6 +95,12 @@ class SplitQueue:
 
     ``next_avail`` is the free-running index of the next available-ring entry
     to process (vhost-user's vring base); the used index is read from memory.
+
+    Ring accesses are the hot path. When the DMA space has a ``generation``
+    (it changes whenever a translation it gave may have gone: memory removed,
+    an UNMAP, a DETACH) and each ring resolves to one local view, the views are
+    kept until the generation changes, like a device IOTLB; otherwise every
+    access is translated.
     """
 
     def __init__(self, dma: DmaSpace, size: int, desc: int, avail: int, used: int, *,
@@ -111,18 +119,59 @@ class SplitQueue:
         self.event_idx = event_idx
         self.indirect = indirect
         self.next_avail = next_avail & 0xFFFF
-        self.used_idx = self._u16(used + 2)
+        self._rings: tuple[memoryview, memoryview, memoryview] | None = None
+        self._rings_generation: object = None
+        self.used_idx = self._used_u16(2)
         self._signalled_used = self.used_idx
 
-    def _u16(self, addr: int) -> int:
-        return int.from_bytes(self.dma.read(addr, 2), "little")
+    def _views(self) -> tuple[memoryview, memoryview, memoryview] | None:
+        """The descriptor table, available and used rings as local views, if cacheable."""
+        generation = getattr(self.dma, "generation", None)
+        if generation is None:
+            return None
+        key = (generation, self.desc, self.avail, self.used)
+        if self._rings is not None and key == self._rings_generation:
+            return self._rings
+        self._rings = None
+        try_view = self.dma.try_view  # type: ignore[attr-defined]
+        desc = try_view(self.desc, 16 * self.size, Access.READ)
+        avail = try_view(self.avail, 6 + 2 * self.size, Access.READ)
+        used = try_view(self.used, 6 + 8 * self.size, Access.READ | Access.WRITE)
+        if desc is None or avail is None or used is None:
+            return None
+        self._rings = (desc, avail, used)
+        self._rings_generation = key
+        return self._rings
 
-    def _put_u16(self, addr: int, value: int) -> None:
-        self.dma.write(addr, (value & 0xFFFF).to_bytes(2, "little"))
+    def _avail_u16(self, offset: int) -> int:
+        rings = self._views()
+        if rings is not None:
+            return _U16.unpack_from(rings[1], offset)[0]
+        return int.from_bytes(self.dma.read(self.avail + offset, 2), "little")
+
+    def _used_u16(self, offset: int) -> int:
+        rings = self._views()
+        if rings is not None:
+            return _U16.unpack_from(rings[2], offset)[0]
+        return int.from_bytes(self.dma.read(self.used + offset, 2), "little")
+
+    def _put_used(self, offset: int, data: bytes) -> None:
+        rings = self._views()
+        if rings is not None:
+            rings[2][offset:offset + len(data)] = data
+        else:
+            self.dma.write(self.used + offset, data)
+
+    def _descriptor(self, table: int, idx: int) -> tuple[int, int, int, int]:
+        if table == self.desc:
+            rings = self._views()
+            if rings is not None:
+                return _DESC.unpack_from(rings[0], 16 * idx)
+        return _DESC.unpack(self.dma.read(table + 16 * idx, 16))
 
     def avail_idx(self) -> int:
         """The driver's available index as it is in memory now."""
-        return self._u16(self.avail + 2)
+        return self._avail_u16(2)
 
     def has_work(self) -> bool:
         """Whether the driver has made buffers available that were not popped yet."""
@@ -137,7 +186,7 @@ class SplitQueue:
         if avail_idx == self.next_avail:
             if not self.event_idx:
                 return None
-            self._put_u16(self.used + 4 + 8 * self.size, self.next_avail)
+            self._put_used(4 + 8 * self.size, _U16.pack(self.next_avail))
             avail_idx = self.avail_idx()
             if avail_idx == self.next_avail:
                 return None
@@ -146,7 +195,7 @@ class SplitQueue:
             raise VirtqueueError(
                 f"available index {avail_idx} is {pending} entries ahead of {self.next_avail}, "
                 f"more than the queue size {self.size}")
-        head = self._u16(self.avail + 4 + 2 * (self.next_avail % self.size))
+        head = self._avail_u16(4 + 2 * (self.next_avail % self.size))
         chain = self._walk(head)
         self.next_avail = (self.next_avail + 1) & 0xFFFF
         return chain
@@ -164,7 +213,7 @@ class SplitQueue:
             if seen > count:
                 raise VirtqueueError(f"descriptor chain from {head} is longer than its table "
                                      f"({count} entries): a loop")
-            addr, length, flags, nxt = _DESC.unpack(self.dma.read(table + 16 * idx, 16))
+            addr, length, flags, nxt = self._descriptor(table, idx)
             if flags & DESC_F_INDIRECT:
                 if not self.indirect:
                     raise VirtqueueError("indirect descriptor but INDIRECT_DESC not negotiated")
@@ -199,11 +248,10 @@ class SplitQueue:
     def push(self, chain: Chain | int, written: int) -> None:
         """Returns a chain to the driver, saying ``written`` bytes were written."""
         head = chain.head if isinstance(chain, Chain) else chain
-        slot = self.used + 4 + 8 * (self.used_idx % self.size)
-        self.dma.write(slot, struct.pack("<II", head, written))
+        self._put_used(4 + 8 * (self.used_idx % self.size), _USED_ELEM.pack(head, written))
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         # x86-64 keeps stores in order, so the element is visible before the index.
-        self._put_u16(self.used + 2, self.used_idx)
+        self._put_used(2, _U16.pack(self.used_idx))
 
     def needs_interrupt(self) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last one."""
@@ -213,7 +261,7 @@ class SplitQueue:
             return False
         self._signalled_used = new
         if self.event_idx:
-            used_event = self._u16(self.avail + 4 + 2 * self.size)
+            used_event = self._avail_u16(4 + 2 * self.size)
             return (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
-        flags = self._u16(self.avail)
+        flags = self._avail_u16(0)
         return not flags & AVAIL_F_NO_INTERRUPT

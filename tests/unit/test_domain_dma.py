@@ -9,6 +9,7 @@ from pviommu.dma import Access, DmaFault, load, local_views, store
 from pviommu.iommu.mappings import MAP_F_READ, MAP_F_WRITE
 from pviommu.iommu.pv import ATTACH_F_BYPASS, ArmedRevocation, Status
 from pviommu.memory import GuestMemory, MemoryAccessError, RegionSpec
+from tests.fakes.virtio_driver import FakeDriver
 
 GPA = 0x40000000
 SIZE = 1 << 20
@@ -157,3 +158,30 @@ def test_an_armed_revocation_takes_the_mapping_under_the_next_big_dma(backend, m
     # the guest's own UNMAP of the revoked range later finds nothing and succeeds
     assert b.iommu.unmap(1, 0x20000, 0x20FFF) == Status.OK
     assert b.iommu.revoke(EP, 0x30000) is None
+
+
+def test_cached_ring_views_die_with_the_mapping(backend, memory):
+    """A queue keeps its rings' views only while no UNMAP/DETACH could have
+    removed their translation (an IOTLB); after one, every access translates again."""
+    b, faults = backend
+    b.iommu.attach(1, EP, 0)
+    span = 0x4000
+    assert b.iommu.map(1, GPA, GPA + span - 1, GPA, MAP_F_READ | MAP_F_WRITE) == Status.OK
+    dma = b.endpoint_dma(EP, memory)
+    driver = FakeDriver(memory, GPA, queue_size=8, span=span)
+    queue = driver.queue(dma)
+    head = driver.add([b"x"], [1])
+    driver.publish()
+    assert queue.pop().head == head
+    assert queue._rings is not None  # cached
+    queue.push(head, 1)
+    assert driver.used() == [(head, 1)]
+    # an unrelated MAP keeps the cache; the UNMAP of the rings drops it
+    assert b.iommu.map(1, 0x100000, 0x100FFF, GPA + 0x8000, MAP_F_READ) == Status.OK
+    assert queue._views() is not None
+    assert b.iommu.unmap(1, GPA, GPA + span - 1) == Status.OK
+    driver.add([b"y"], [1])
+    driver.publish()
+    with pytest.raises(DmaFault):
+        queue.pop()
+    assert faults and faults[-1][0].reason.name == "MAPPING"
