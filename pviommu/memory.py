@@ -177,7 +177,8 @@ class GuestMemory:
         Raises ValueError if it overlaps a region already there or cannot be mapped.
         """
         try:
-            for r in self._regions:
+            i = bisect.bisect_right(self._starts, spec.gpa)
+            for r in self._regions[max(i - 1, 0):i + 1]:
                 if r.gpa < spec.gpa + spec.size and spec.gpa < r.end:
                     raise ValueError(f"region {spec.gpa:#x}+{spec.size:#x} overlaps the region "
                                      f"{r.gpa:#x}+{r.spec.size:#x}")
@@ -187,7 +188,6 @@ class GuestMemory:
         finally:
             if fd is not None:
                 os.close(fd)
-        i = bisect.bisect_right(self._starts, region.gpa)
         self._regions.insert(i, region)
         self._starts.insert(i, region.gpa)
 
@@ -197,20 +197,22 @@ class GuestMemory:
         Raises ValueError, removing nothing, if a region straddles either end.
         """
         end = gpa + size
-        inside = [r for r in self._regions if gpa <= r.gpa and r.end <= end]
-        straddling = [r for r in self._regions
-                      if r.gpa < end and gpa < r.end and r not in inside]
-        if straddling:
-            r = straddling[0]
-            raise ValueError(f"range {gpa:#x}+{size:#x} cuts the region {r.gpa:#x}+"
-                             f"{r.spec.size:#x}; unmap whole regions")
-        for r in inside:
+        lo = max(bisect.bisect_right(self._starts, gpa) - 1, 0)
+        hi = bisect.bisect_left(self._starts, end)
+        touched = [r for r in self._regions[lo:hi] if r.gpa < end and gpa < r.end]
+        for r in touched:
+            if r.gpa < gpa or r.end > end:
+                raise ValueError(f"range {gpa:#x}+{size:#x} cuts the region {r.gpa:#x}+"
+                                 f"{r.spec.size:#x}; unmap whole regions")
+        if not touched:
+            return 0
+        first = self._regions.index(touched[0], lo, hi)
+        for r in touched:
             r.close()
-        if inside:
-            self.generation += 1
-        self._regions = [r for r in self._regions if r not in inside]
-        self._starts = [r.gpa for r in self._regions]
-        return len(inside)
+        del self._regions[first:first + len(touched)]
+        del self._starts[first:first + len(touched)]
+        self.generation += 1
+        return len(touched)
 
     def clear(self) -> None:
         """Unmaps every region."""

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pviommu.transport.vhost_user import protocol as p
 from pviommu.transport.vhost_user.protocol import Request as R
+from tests.fakes.sockets import connect_unix
 
 from .virtio_driver import DEFAULT_GPA, DEFAULT_UADDR, FakeDriver
 
@@ -105,10 +106,7 @@ class FakeFrontend:
     @classmethod
     async def connect(cls, path: Path | str) -> FakeFrontend:
         """Connects to the back-end listening on ``path``."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, str(path))
-        return cls(sock)
+        return cls(await connect_unix(path))
 
     def close(self) -> None:
         """Hangs up, as a QEMU that exits does."""

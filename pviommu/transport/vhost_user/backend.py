@@ -25,6 +25,7 @@ from ...memory import GuestMemory, MemoryAccessError, RegionSpec
 from ...virtio.device import VirtioDevice
 from ...virtio.features import F_EVENT_IDX, F_INDIRECT_DESC, bit
 from ...virtio.queue import SplitQueue, VirtqueueError
+from ..unix_server import UnixServer
 from . import protocol as p
 from .protocol import ProtocolFeature as PF
 from .protocol import Request as R
@@ -454,48 +455,23 @@ class VhostUserServer:
         self.on_connect = on_connect
         self.stats: Counter[str] = Counter()
         self.connection: VhostUserConnection | None = None
-        self._listener: socket.socket | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._served: asyncio.Task[None] | None = None
-        self.connections = 0
+        self._server = UnixServer(self.path, self._serve, "vhost-user")
+
+    @property
+    def connections(self) -> int:
+        """How many frontends have connected so far."""
+        return self._server.connections
 
     async def start(self) -> None:
         """Starts listening (a stale socket file is replaced)."""
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(str(self.path))
-        sock.listen(4)
-        sock.setblocking(False)
-        self._listener = sock
-        self._task = asyncio.create_task(self._accept_loop())
+        await self._server.start()
 
-    async def _accept_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        assert self._listener is not None
-        while True:
-            conn, _ = await loop.sock_accept(self._listener)
-            conn.setblocking(False)
-            if self._served is not None and not self._served.done():
-                log.warning("vhost-user: %s already has a frontend; refusing another", self.path)
-                conn.close()
-                continue
-            self.connections += 1
-            log.info("vhost-user frontend %d connected on %s", self.connections, self.path)
-            self.connection = VhostUserConnection(self.device, conn, self.stats)
-            if self.on_connect is not None:
-                self.on_connect(self.connection)
-            self._served = asyncio.create_task(self.connection.serve())
+    async def _serve(self, sock: socket.socket) -> None:
+        self.connection = VhostUserConnection(self.device, sock, self.stats)
+        if self.on_connect is not None:
+            self.on_connect(self.connection)
+        await self.connection.serve()
 
     async def close(self) -> None:
         """Stops listening and drops the current frontend."""
-        for task in (self._task, self._served):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        await self._server.close()

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import enum
-import os
 import socket
 import struct
 from dataclasses import dataclass, field
+
+from ..sockio import close_fds, recv_exact
 
 VERSION = 0x1
 FLAG_VERSION_MASK = 0x3
@@ -146,34 +145,6 @@ def encode(request: int, payload: bytes = b"", *, reply: bool = False,
     return HEADER.pack(request, flags, len(payload)) + payload
 
 
-async def _readable(sock: socket.socket) -> None:
-    loop = asyncio.get_running_loop()
-    fut = loop.create_future()
-    loop.add_reader(sock.fileno(), lambda: fut.done() or fut.set_result(None))
-    try:
-        await fut
-    finally:
-        loop.remove_reader(sock.fileno())
-
-
-async def _recv_exact(sock: socket.socket, n: int, fds: list[int] | None) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        try:
-            data, got, _flags, _addr = socket.recv_fds(sock, n - len(buf), MAX_FDS)
-        except (BlockingIOError, InterruptedError):
-            await _readable(sock)
-            continue
-        if fds is not None:
-            fds.extend(got)
-        else:
-            close_fds(list(got))
-        if not data:
-            raise EOFError("peer closed the connection")
-        buf += data
-    return bytes(buf)
-
-
 async def read_message(sock: socket.socket) -> Message:
     """Reads one message from a non-blocking socket.
 
@@ -182,7 +153,7 @@ async def read_message(sock: socket.socket) -> Message:
     """
     fds: list[int] = []
     try:
-        header = await _recv_exact(sock, HEADER.size, fds)
+        header = await recv_exact(sock, HEADER.size, fds, MAX_FDS)
         request, flags, size = HEADER.unpack(header)
         if flags & FLAG_VERSION_MASK != VERSION:
             raise ProtocolError(f"{request_name(request)}: protocol version "
@@ -190,17 +161,8 @@ async def read_message(sock: socket.socket) -> Message:
         if size > MAX_PAYLOAD:
             raise ProtocolError(f"{request_name(request)}: payload of {size} bytes exceeds "
                                 f"the {MAX_PAYLOAD}-byte limit")
-        payload = await _recv_exact(sock, size, None) if size else b""
+        payload = await recv_exact(sock, size, None, MAX_FDS)
     except BaseException:
         close_fds(fds)
         raise
     return Message(request, flags, payload, fds)
-
-
-def close_fds(fds: list[int]) -> None:
-    """Closes every fd of ``fds`` and empties the list."""
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    fds.clear()
-

@@ -1,0 +1,116 @@
+"""A UNIX stream socket server that serves one client at a time.
+
+A second client is refused (its connection is closed at once) while the first
+is served; when the first goes away, the next connection is accepted. Closing
+the server drops the client and removes the socket file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import select
+import socket
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+Serve = Callable[[socket.socket], Coroutine[Any, Any, None]]
+"""Serves one connected (non-blocking) socket until the client goes; owns the socket."""
+
+# How long a new client waits for the previous one, already hung up, to be cleaned up.
+_HANDOVER_TIMEOUT = 5.0
+
+
+class UnixServer:
+    """Listens on ``path`` and runs ``serve`` for one client at a time."""
+
+    def __init__(self, path: Path, serve: Serve, name: str,
+                 on_refused: Callable[[], None] | None = None) -> None:
+        self.path = Path(path)
+        self.name = name
+        self.connections = 0
+        self._serve = serve
+        self._on_refused = on_refused
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._served: asyncio.Task[None] | None = None
+        self._client: socket.socket | None = None
+
+    @property
+    def busy(self) -> bool:
+        """Whether a client is being served."""
+        return self._served is not None and not self._served.done()
+
+    async def start(self) -> None:
+        """Starts listening (a stale socket file is replaced)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(self.path))
+            sock.listen(4)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._listener = sock
+        self._accepting = asyncio.create_task(self._accept_loop())
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._listener is not None
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self._listener)
+            except OSError as e:  # e.g. out of fds: keep listening
+                log.error("%s: accepting on %s failed: %s", self.name, self.path, e)
+                await asyncio.sleep(0.1)
+                continue
+            conn.setblocking(False)
+            if self.busy and self._client_gone():
+                # The previous client hung up; let its clean-up finish first.
+                await asyncio.wait({self._served}, timeout=_HANDOVER_TIMEOUT)  # type: ignore[arg-type]
+            if self.busy:
+                log.warning("%s: %s already has a client; refusing another", self.name, self.path)
+                conn.close()
+                if self._on_refused is not None:
+                    self._on_refused()
+                continue
+            self.connections += 1
+            log.info("%s: client %d connected on %s", self.name, self.connections, self.path)
+            self._client = conn
+            self._served = asyncio.create_task(self._run(conn))
+
+    def _client_gone(self) -> bool:
+        client = self._client
+        if client is None or client.fileno() < 0:
+            return True
+        poller = select.poll()
+        poller.register(client.fileno(), select.POLLRDHUP)
+        return bool(poller.poll(0))
+
+    async def _run(self, conn: socket.socket) -> None:
+        try:
+            await self._serve(conn)
+        except Exception:  # a bug in serve: drop that client, keep the server
+            log.exception("%s: serving a client on %s failed", self.name, self.path)
+        finally:
+            conn.close()
+
+    async def close(self) -> None:
+        """Stops listening, drops the client, removes the socket file."""
+        for task in (self._accepting, self._served):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._accepting = self._served = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
