@@ -1,8 +1,10 @@
-"""The backend process: a PV-IOMMU served over vhost-user, driven over QMP."""
+"""The backend process: a PV-IOMMU served over vhost-user, its DMA endpoints served
+over vfio-user, everything driven over QMP."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,14 +13,17 @@ from typing import Any
 from . import __version__
 from .devices.viommu import Fault, VirtioIommu
 from .dma import DmaFault
+from .endpoints import Endpoint, EndpointSpec
 from .iommu.dma_space import DomainDma
 from .iommu.pv import IommuConfig, PvIommu
-from .memory import GuestMemory
+from .memory import GuestMemory, MemoryAccessError
 from .qmp.server import QmpServer
-from .qmp.viommu import ViommuCommands
+from .qmp.viommu import ViommuCommands, check_args
 from .transport.vhost_user.backend import VhostUserServer
 
 log = logging.getLogger(__name__)
+
+EVENT_REVOKED = "IOMMU_MAPPING_REVOKED"
 
 
 @dataclass
@@ -29,6 +34,14 @@ class BackendConfig:
     qmp_socket: Path | None = None
     endpoints: list[int] | None = None
     iommu: IommuConfig = field(default_factory=IommuConfig)
+    devices: list[EndpointSpec] = field(default_factory=list)
+
+    def endpoint_ids(self) -> list[int] | None:
+        """The IDs that exist behind the PV-IOMMU (None: any), the devices' included."""
+        if self.endpoints is None and not self.devices:
+            return None
+        ids = list(self.endpoints or [])
+        return ids + [d.endpoint for d in self.devices if d.endpoint not in ids]
 
 
 def _qmp_version() -> dict[str, Any]:
@@ -45,12 +58,57 @@ class Backend:
     """
 
     def __init__(self, config: BackendConfig) -> None:
+        ids = [d.endpoint for d in config.devices]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"two endpoint devices share an endpoint ID: {ids}")
         self.config = config
-        self.iommu = PvIommu(config.iommu, config.endpoints)
+        self.iommu = PvIommu(config.iommu, config.endpoint_ids())
         self.device = VirtioIommu(self.iommu)
         self.vhost = VhostUserServer(config.viommu_socket, self.device)
         self.qmp = QmpServer(_qmp_version())
         self.commands = ViommuCommands(self.qmp, self.iommu, self.device, self._transport_stats)
+        self.endpoints = {d.endpoint: Endpoint(d, self.endpoint_dma) for d in config.devices}
+        self.qmp.register("query-endpoint-devices", self._query_devices,
+                          doc="The backend's DMA endpoint devices and their counters")
+        previous = self.iommu.on_event
+
+        def on_event(kind: str, data: dict[str, int]) -> None:
+            if previous is not None:
+                previous(kind, data)
+            if kind == "revoked":
+                self._check_revoked(data)
+        self.iommu.on_event = on_event
+
+    def _query_devices(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        check_args(args, {})
+        return [ep.state() for ep in self.endpoints.values()]
+
+    def _revoked_digest(self, endpoint: int, gpa: int, size: int) -> str | None:
+        ep = self.endpoints.get(endpoint)
+        if ep is None:
+            return None
+        try:
+            return hashlib.sha256(ep.memory.view(gpa, size, write=False)).hexdigest()
+        except MemoryAccessError:
+            return None
+
+    def _check_revoked(self, data: dict[str, int]) -> None:
+        """Announces a revoked mapping with a digest of the guest memory behind it taken
+        now and again once the device finished the request that faulted on it."""
+        size = data["virt_end"] - data["virt_start"] + 1
+        before = self._revoked_digest(data["endpoint"], data["phys_start"], size)
+
+        def after() -> None:
+            now = self._revoked_digest(data["endpoint"], data["phys_start"], size)
+            self.qmp.emit(EVENT_REVOKED, {
+                "endpoint": data["endpoint"], "domain": data["domain"],
+                "virt-start": data["virt_start"], "virt-end": data["virt_end"],
+                "phys-start": data["phys_start"], "sha256-before": before,
+                "sha256-after": now,
+                "memory-unchanged": before is not None and before == now})
+        # Runs after the request that faulted has completed (requests whose memory
+        # is local finish within one step of the event loop).
+        asyncio.get_running_loop().call_soon(after)
 
     def _transport_stats(self) -> dict[str, Any]:
         return {"vhost-user": {"connections": self.vhost.connections,
@@ -67,18 +125,24 @@ class Backend:
         return DomainDma(self.iommu, endpoint, memory, self.report_dma_fault)
 
     async def start(self) -> None:
-        """Listens on the vhost-user socket and, if configured, the QMP socket."""
+        """Listens on the vhost-user socket, the endpoints' sockets and the QMP socket."""
         await self.vhost.start()
+        for ep in self.endpoints.values():
+            await ep.start()
         if self.config.qmp_socket is not None:
             await self.qmp.start_unix(str(self.config.qmp_socket))
-        eps = self.config.endpoints
+        eps = self.iommu.known
         log.info("PV-IOMMU listening on %s (QMP %s); endpoints %s", self.config.viommu_socket,
                  self.config.qmp_socket or "off",
-                 ", ".join(f"{e:#x}" for e in eps) if eps is not None else "any ID")
+                 ", ".join(f"{e:#x}" for e in sorted(eps)) if eps is not None else "any ID")
+        for ep in self.endpoints.values():
+            log.info("%s endpoint %#x on %s", ep.spec.kind, ep.spec.endpoint, ep.spec.socket)
 
     async def close(self) -> None:
-        """Closes both sockets and drops the current frontend."""
+        """Closes every socket and drops the current frontends."""
         await self.qmp.close()
+        for ep in self.endpoints.values():
+            await ep.close()
         await self.vhost.close()
 
     async def __aenter__(self) -> Backend:

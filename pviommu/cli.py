@@ -10,19 +10,21 @@ import logging
 import shutil
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import libfdt
 
 from . import kconfig, provision
 from .backend import Backend, BackendConfig
+from .endpoints import EndpointSpec
 from .iommu.pv import IommuConfig, ResvRegion, ResvType
 from .machine.console import GuestFailed, GuestTimeout
 from .machine.dtb import DtbError, add_pci_iommu
 from .machine.qemu import QemuError
-from .machine.topology import pci_rid
+from .machine.topology import pci_name, pci_rid
 from .report import format_report
-from .scenarios import dma, pv
+from .scenarios import bench, dma, pv
 
 DEMO_MODES = ("pv", "builtin")
 
@@ -66,7 +68,16 @@ def demo_ok(report: dict) -> bool:
         return bool(report["dma"]["checksums_ok"])
     attached = any(e.get("attached") for e in report["iommu"]["endpoints"])
     seen = any(f.get("guest_log") and f.get("qmp_event") for f in report["faults"])
-    return attached and seen
+    ok = attached and seen
+    if "dma" in report:
+        ok = ok and report["dma"]["checksums_ok"]
+    if "rng" in report:
+        ok = ok and report["rng"]["ok"]
+    if "revocation" in report:
+        rev = report["revocation"]
+        ok = ok and rev["memory_unchanged"] and rev["recovered"] and any(
+            f.get("io_errors") and f.get("qmp_event") for f in report["faults"])
+    return ok
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -78,7 +89,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not args.json:
         print(f"pviommu: booting the {args.mode} demo (logs in {workdir})", file=sys.stderr)
     if args.mode == "pv":
-        options = pv.PvOptions(iommu=iommu_config(args), passthrough=args.passthrough)
+        # A revocation needs a DMA domain: identity domains have nothing to revoke.
+        options = pv.PvOptions(iommu=iommu_config(args), passthrough=args.passthrough,
+                               revoke=not args.passthrough)
         scenario = pv.run(qemu, assets, workdir, options)
     else:
         scenario = dma.run(qemu, assets, workdir, mode=args.mode)
@@ -88,6 +101,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise type(exc)(f"{exc} (guest console log: {workdir / 'console.log'})") from exc
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0 if demo_ok(report) else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    qemu, assets = provision.setup(args.kernel, args.modules)
+    workdir = args.workdir or provision.cache_dir() / "runs" / "bench"
+    if args.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+    plan = bench.BenchPlan(rounds=args.rounds)
+    print(f"pviommu: benchmark, {plan.rounds} round(s) of "
+          f"{len(bench.PATHS) * len(bench.IOMMU_MODES)} guests (logs in {workdir})",
+          file=sys.stderr)
+    result = asyncio.run(bench.run(qemu, assets, workdir, plan,
+                                   progress=lambda line: print(line, file=sys.stderr)))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(bench.markdown(result))
+    return 0
 
 
 def _endpoint_id(text: str) -> int:
@@ -103,6 +134,33 @@ def _endpoint_id(text: str) -> int:
     if not 0 <= value <= 0xFFFFFFFF:
         raise argparse.ArgumentTypeError(f"endpoint ID {text} does not fit in 32 bits")
     return value
+
+
+def _endpoint_device(kind: str) -> Callable[[str], EndpointSpec]:
+    """Parses SOCKET,endpoint=ID[,image=PATH][,ro][,serial=S] into an EndpointSpec."""
+    def parse(text: str) -> EndpointSpec:
+        socket, *opts = text.split(",")
+        fields: dict = {}
+        for opt in opts:
+            key, eq, value = opt.partition("=")
+            if key == "endpoint" and eq:
+                fields["endpoint"] = _endpoint_id(value)
+            elif key == "image" and eq and kind == "blk":
+                fields["image"] = Path(value)
+            elif key == "serial" and eq and kind == "blk":
+                fields["serial"] = value
+            elif key == "ro" and not eq and kind == "blk":
+                fields["read_only"] = True
+            else:
+                raise argparse.ArgumentTypeError(f"{opt!r} is not an option of --{kind}")
+        if not socket or "endpoint" not in fields:
+            raise argparse.ArgumentTypeError(f"--{kind} needs SOCKET,endpoint=ID")
+        try:
+            return EndpointSpec(kind, Path(socket), **fields)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    parse.__name__ = f"--{kind}"
+    return parse
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -175,6 +233,9 @@ async def _serve(config: BackendConfig) -> None:
         print(f"pviommu: serving virtio-iommu on {config.viommu_socket}"
               + (f", QMP on {config.qmp_socket}" if config.qmp_socket else ""),
               file=sys.stderr, flush=True)
+        for d in config.devices:
+            print(f"pviommu: serving virtio-{d.kind} endpoint {d.endpoint:#x} "
+                  f"({pci_name(d.endpoint)}) on {d.socket}", file=sys.stderr, flush=True)
         with contextlib.suppress(asyncio.CancelledError):
             await backend.serve_forever()
 
@@ -195,8 +256,14 @@ def cmd_patch_dtb(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    devices = args.blk + args.rng
+    ids = [d.endpoint for d in devices]
+    if len(set(ids)) != len(ids):
+        print("pviommu: error: two endpoint devices share an endpoint ID", file=sys.stderr)
+        return 2
     config = BackendConfig(viommu_socket=args.viommu, qmp_socket=args.qmp,
-                           endpoints=args.endpoint or None, iommu=iommu_config(args))
+                           endpoints=args.endpoint or None, iommu=iommu_config(args),
+                           devices=devices)
     try:
         asyncio.run(_serve(config))
     except OSError as exc:
@@ -223,14 +290,22 @@ def build_parser() -> argparse.ArgumentParser:
                                       "pviommu.config)")
     p.set_defaults(func=cmd_check_kernel)
 
-    p = sub.add_parser("serve", help="run the backend: a PV-IOMMU on a vhost-user socket")
+    p = sub.add_parser("serve", help="run the backend: a PV-IOMMU on a vhost-user socket and "
+                                     "its endpoints on vfio-user sockets")
     p.add_argument("--viommu", type=Path, required=True, metavar="PATH",
                    help="vhost-user socket for QEMU's vhost-user-test-device-pci")
     p.add_argument("--qmp", type=Path, metavar="PATH", help="QMP socket of the backend")
     p.add_argument("--endpoint", type=_endpoint_id, action="append", metavar="ID",
                    help="endpoint ID (PCI RID, e.g. 0x10 or 00:02.0) of a device behind the "
                         "IOMMU; repeatable. ATTACH of any other ID fails with NOENT. "
-                        "Without it every ID is accepted")
+                        "Without it every ID is accepted (unless --blk/--rng name them)")
+    p.add_argument("--blk", type=_endpoint_device("blk"), action="append", default=[],
+                   metavar="SOCKET,endpoint=ID,image=PATH[,ro][,serial=S]",
+                   help="serve a virtio-blk endpoint over vfio-user on SOCKET, backed by the "
+                        "image file PATH; ID is its PCI address or RID (repeatable)")
+    p.add_argument("--rng", type=_endpoint_device("rng"), action="append", default=[],
+                   metavar="SOCKET,endpoint=ID",
+                   help="serve a virtio-rng endpoint over vfio-user on SOCKET (repeatable)")
     _add_iommu_options(p)
     p.set_defaults(func=cmd_serve)
 
@@ -243,9 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="boot a guest that does DMA through an IOMMU and report")
     p.add_argument("--mode", choices=DEMO_MODES, default="pv",
-                   help="pv (default): the backend's PV-IOMMU over vhost-user, an endpoint "
-                        "attached and a fault injected over QMP; builtin: QEMU's "
-                        "virtio-iommu-pci + virtio-blk-pci doing DMA (the anchor)")
+                   help="pv (default): the backend's PV-IOMMU over vhost-user and its "
+                        "virtio-blk and virtio-rng endpoints over vfio-user; the guest does "
+                        "DMA through them, then the host revokes a live mapping; builtin: "
+                        "QEMU's virtio-iommu-pci + virtio-blk-pci doing DMA (the anchor)")
     p.add_argument("--passthrough", action="store_true",
                    help="pv mode: boot the guest with iommu.passthrough=1 (identity domains)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
@@ -254,6 +330,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_guest_options(p)
     _add_iommu_options(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="measure guest disk throughput through the PV path "
+                                     "against QEMU's built-in virtio-iommu + virtio-blk")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="guests per cell; the table shows medians (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the raw samples as JSON")
+    p.add_argument("--workdir", type=Path, help="where images and logs go "
+                        "(default: CACHE/runs/bench, replaced each run)")
+    _add_guest_options(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

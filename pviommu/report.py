@@ -39,21 +39,47 @@ def _format_pv(report: dict[str, Any]) -> str:
         f"pviommu demo, mode {report['mode']}",
         f"  guest booted in {report['timings']['boot_s']:.1f}s, "
         f"whole run {report['timings']['total_s']:.1f}s",
-        f"  virtio-iommu driver: {guest['viommu_driver']}; endpoint {guest['endpoint_pci']} "
-        f"in IOMMU group {guest['iommu_group']} ({guest['group_type']})",
+        f"  virtio-iommu driver: {guest['viommu_driver']}",
     ]
+    lines += [f"  endpoint {e['id']:#x} {e['kind']} at {e['pci']}, IOMMU group "
+              f"{e['iommu_group']} ({e['group_type']})" for e in report.get("endpoints", [])]
     lines += [f"  reserved region {r['start']}-{r['end']} {r['type']}"
               for r in guest["reserved_regions"]]
     for d in iommu["domains"]:
         eps = ", ".join(f"{e:#x}" for e in d["endpoints"])
         kind = "bypass" if d["bypass"] else f"{d['mappings']} mapping(s)"
         lines.append(f"  domain {d['id']}: endpoints {eps}; {kind}")
-    reqs = ", ".join(f"{r['type']} {r['status']} x{r['count']}" for r in iommu["requests"])
-    lines.append(f"  requests: {reqs or 'none'}")
+    if "dma" in report:
+        dma = report["dma"]
+        lines.append(f"  disk: read {_mib(dma['bytes_read'])}, sha256 "
+                     f"{'matches' if dma['read']['ok'] else 'DIFFERS from'} the host's; wrote "
+                     f"{_mib(dma['bytes_written'])}, sha256 "
+                     f"{'matches' if dma['write']['ok'] else 'DIFFERS from'} the image's")
+    if "rng" in report:
+        rng = report["rng"]
+        lines.append(f"  rng: {rng['bytes']} bytes from {rng['current']}"
+                     + ("" if rng["ok"] else " (NOT as expected)"))
+    if report.get("injected") is not None:
+        lines.append(f"  injected fault: {report['injected']}")
+    rev = report.get("revocation")
+    if rev is not None:
+        event = rev["qmp_event"]
+        if event is None:
+            lines.append("  revoked mapping: none (the armed revocation never triggered)")
+        else:
+            lines.append(f"  revoked mapping {event['virt-start']:#x}-{event['virt-end']:#x} "
+                         f"of endpoint {event['endpoint']:#x} during a disk read")
+            lines.append(f"    guest memory behind it unchanged: "
+                         f"{'yes' if rev['memory_unchanged'] else 'NO'}; guest carried on: "
+                         f"{'yes' if rev['recovered'] else 'no'}")
     lines.append(f"  faults: {len(report['faults'])}")
     for f in report["faults"]:
         event = f.get("qmp_event")
-        lines.append(f"    guest: {f['guest_log']}")
+        first, *rest = str(f["guest_log"]).split("\n")
+        lines.append(f"    guest: {first}")
+        lines += [f"           {line}" for line in rest]
         lines.append(f"    QMP IOMMU_FAULT: {event if event else 'not seen'}")
+    if "dma" in report:
+        lines.append(f"  checksums_ok: {str(report['dma']['checksums_ok']).lower()}")
     lines.append(f"  console log: {report['logs']['console']}")
     return "\n".join(lines)

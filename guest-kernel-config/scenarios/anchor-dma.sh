@@ -14,16 +14,5 @@ else
     mark IOMMU_GROUP dev="$DISK" pci="$(basename "$pcidev")" group=none
 fi
 
-bs=65536
-sum=$(dd if="/dev/$DISK" bs=$bs count=$((READ_BYTES / bs)) iflag=direct 2>/dev/null |
-      sha256sum | cut -d' ' -f1)
-mark READ bytes="$READ_BYTES" sha256="$sum"
-
-dd if=/dev/urandom of=/tmp/payload bs=$bs count=$((WRITE_BYTES / bs)) 2>/dev/null
-wsum=$(sha256sum /tmp/payload | cut -d' ' -f1)
-dd if=/tmp/payload of="/dev/$DISK" bs=$bs seek=$((WRITE_OFFSET / bs)) oflag=direct \
-    conv=fsync 2>/dev/null || fail write
-back=$(dd if="/dev/$DISK" bs=$bs skip=$((WRITE_OFFSET / bs)) count=$((WRITE_BYTES / bs)) \
-       iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
-mark WRITE bytes="$WRITE_BYTES" offset="$WRITE_OFFSET" sha256="$wsum" readback="$back"
-[ "$back" = "$wsum" ]
+. /lib/pviommu/blk.sh
+blk_dma "$DISK" "$READ_BYTES" "$WRITE_OFFSET" "$WRITE_BYTES"

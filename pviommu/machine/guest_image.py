@@ -10,7 +10,7 @@ from ..resources import repo_path
 from .cpio import CpioWriter
 from .modules import Module, ModuleIndex
 
-_DIRS = ("bin", "dev", "etc", "lib", "lib/modules", "proc", "sys", "tmp")
+_DIRS = ("bin", "dev", "etc", "lib", "lib/modules", "lib/pviommu", "proc", "sys", "tmp")
 
 
 def scenario_path(name: str) -> Path:
@@ -45,6 +45,8 @@ def build_initramfs(
         cpio.add_symlink("bin/sh", "busybox")
         cpio.add_file("init", repo_path("guest-kernel-config", "init.sh").read_bytes(), 0o755)
         cpio.add_file("scenario.sh", scenario_path(scenario).read_bytes(), 0o755)
+        for lib in sorted(repo_path("guest-kernel-config", "lib").glob("*.sh")):
+            cpio.add_file(f"lib/pviommu/{lib.name}", lib.read_bytes(), 0o644)
         cpio.add_file("etc/pviommu.env", env_text.encode())
         cpio.add_file("etc/modules.order", "".join(m.name + "\n" for m in resolved).encode())
         for mod in resolved:

@@ -28,3 +28,32 @@ def guest_faults(lines: list[str]) -> list[dict[str, object]]:
             "guest_log": line.strip(),
         })
     return faults
+
+
+# block/blk-mq.c blk_print_req_error: "<status> error, dev <disk>, sector <n> op 0x<op>:(<OP>) ..."
+_IO_ERROR = re.compile(r"(?P<status>[\w /]+?) error, dev (?P<dev>\w+), sector (?P<sector>\d+) "
+                       r"op 0x[0-9a-f]+:\((?P<op>\w+)\)")
+# fs/buffer.c buffer_io_error
+_BUFFER_ERROR = re.compile(r"Buffer I/O error on dev (?P<dev>\w+), logical block (?P<block>\d+)")
+
+
+def guest_io_errors(lines: list[str]) -> list[str]:
+    """The guest's block-layer I/O error lines, stripped."""
+    return [line.strip() for line in lines if _IO_ERROR.search(line) or _BUFFER_ERROR.search(line)]
+
+
+def attach_io_errors(faults: list[dict[str, object]], lines: list[str]) -> None:
+    """Appends to each fault's ``guest_log`` the I/O errors the guest logged after it
+    (and before the next fault): what the driver made of the failed DMA."""
+    positions = []
+    start = 0
+    for fault in faults:
+        at = next(i for i in range(start, len(lines)) if lines[i].strip() == fault["guest_log"])
+        positions.append(at)
+        start = at + 1
+    for n, fault in enumerate(faults):
+        end = positions[n + 1] if n + 1 < len(faults) else len(lines)
+        errors = guest_io_errors(lines[positions[n] + 1:end])
+        fault["io_errors"] = errors
+        if errors:
+            fault["guest_log"] = "\n".join([str(fault["guest_log"]), *errors])

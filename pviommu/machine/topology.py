@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,11 +80,18 @@ class VirtioRngPci(Device):
 
 @dataclass
 class VirtioBlkPci(Device):
-    """QEMU's built-in virtio-blk-pci backed by a raw image file."""
+    """QEMU's built-in virtio-blk-pci backed by a raw image file.
+
+    ``iommu_platform`` makes it offer VIRTIO_F_ACCESS_PLATFORM, so that the
+    guest's DMA to it goes through the IOMMU (maps and unmaps); without it
+    Linux hands the device guest-physical addresses and the IOMMU never
+    translates anything for it.
+    """
 
     image: Path = Path()
     addr: str = "2.0"
     id: str = "blk0"
+    iommu_platform: bool = True
 
     def qemu_args(self) -> list[str]:
         return [
@@ -91,8 +99,27 @@ class VirtioBlkPci(Device):
             f"driver=file,filename={self.image},node-name={self.id}-file,cache.direct=off",
             "-blockdev", f"driver=raw,file={self.id}-file,node-name={self.id}-fmt",
             "-device", f"virtio-blk-pci,id={self.id},drive={self.id}-fmt,addr={self.addr},"
-            "disable-legacy=on",
+            f"disable-legacy=on,iommu_platform={'on' if self.iommu_platform else 'off'}",
         ]
+
+
+@dataclass
+class VfioUserPci(Device):
+    """A PCI function served by the backend over vfio-user (a PV-mode endpoint).
+
+    QEMU forwards its config space and BAR accesses to the socket and hands
+    guest memory over with DMA_MAP; it never interprets the device's DMA
+    addresses, so the backend translates them.
+    """
+
+    socket: Path = Path()
+    addr: str = "2.0"
+    id: str = "ep0"
+
+    def qemu_args(self) -> list[str]:
+        spec = {"driver": "vfio-user-pci", "id": self.id, "addr": self.addr,
+                "socket": {"type": "unix", "path": str(self.socket)}}
+        return ["-device", json.dumps(spec, separators=(",", ":"))]
 
 
 @dataclass

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..machine.console import GuestFailed
+from ..machine.console import Console, GuestFailed
 from ..machine.guest_image import build_initramfs
 from ..machine.guestlog import guest_faults
 from ..machine.qemu import QemuMachine
@@ -59,6 +59,40 @@ def _sha256_file_range(path: Path, offset: int, length: int) -> str:
     return h.hexdigest()
 
 
+def make_image(image: Path, plan: DmaPlan) -> str:
+    """Writes a fresh image whose first ``read_bytes`` are random; returns their sha256."""
+    payload = os.urandom(plan.read_bytes)
+    with open(image, "wb") as fh:
+        fh.write(payload)
+        fh.truncate(plan.image_bytes)
+    return hashlib.sha256(payload).hexdigest()
+
+
+def blk_checks(console: Console, image: Path, plan: DmaPlan, host_read_sha: str
+               ) -> dict[str, Any]:
+    """The report's ``dma`` section: the guest's READ/WRITE markers against the image.
+
+    Call it once QEMU has exited, so that the image holds what the guest wrote.
+    """
+    read = console.find("READ")
+    write = console.find("WRITE")
+    if read is None or write is None:
+        raise GuestFailed("guest did not report its DMA (no READ/WRITE marker)")
+    guest_read_sha = read.fields.get("sha256", "")
+    guest_write_sha = write.fields.get("sha256", "")
+    host_write_sha = _sha256_file_range(image, plan.write_offset, plan.write_bytes)
+    read_ok = guest_read_sha == host_read_sha
+    write_ok = guest_write_sha == host_write_sha
+    return {
+        "bytes_read": int(read.fields.get("bytes", "0")),
+        "bytes_written": int(write.fields.get("bytes", "0")),
+        "checksums_ok": read_ok and write_ok,
+        "read": {"guest_sha256": guest_read_sha, "host_sha256": host_read_sha, "ok": read_ok},
+        "write": {"guest_sha256": guest_write_sha, "host_sha256": host_write_sha,
+                  "ok": write_ok},
+    }
+
+
 def _topology(mode: str, assets: GuestAssets, initrd: Path, image: Path) -> Topology:
     if mode != "builtin":
         raise ValueError(f"unknown mode {mode!r} (known: {', '.join(MODES)})")
@@ -75,11 +109,7 @@ async def run(qemu: Path, assets: GuestAssets, workdir: Path, *, mode: str = "bu
     workdir.mkdir(parents=True, exist_ok=True)
 
     image = workdir / "disk.img"
-    payload = os.urandom(plan.read_bytes)
-    with open(image, "wb") as fh:
-        fh.write(payload)
-        fh.truncate(plan.image_bytes)
-    host_read_sha = hashlib.sha256(payload).hexdigest()
+    host_read_sha = make_image(image, plan)
 
     initrd = workdir / "initramfs.cpio.gz"
     modules = build_initramfs(
@@ -102,24 +132,8 @@ async def run(qemu: Path, assets: GuestAssets, workdir: Path, *, mode: str = "bu
 
     if (failed := console.find("FAIL")) is not None:
         raise GuestFailed(f"guest scenario failed: {failed.fields.get('reason', '?')}")
-    read = console.find("READ")
-    write = console.find("WRITE")
+    report["dma"] = blk_checks(console, image, plan, host_read_sha)
     group = console.find("IOMMU_GROUP")
-    if read is None or write is None:
-        raise GuestFailed(f"guest did not report its DMA (rc={done.fields.get('rc')})")
-    guest_read_sha = read.fields.get("sha256", "")
-    guest_write_sha = write.fields.get("sha256", "")
-    host_write_sha = _sha256_file_range(image, plan.write_offset, plan.write_bytes)
-    read_ok = guest_read_sha == host_read_sha
-    write_ok = guest_write_sha == host_write_sha
-    report["dma"] = {
-        "bytes_read": int(read.fields.get("bytes", "0")),
-        "bytes_written": int(write.fields.get("bytes", "0")),
-        "checksums_ok": read_ok and write_ok,
-        "read": {"guest_sha256": guest_read_sha, "host_sha256": host_read_sha, "ok": read_ok},
-        "write": {"guest_sha256": guest_write_sha, "host_sha256": host_write_sha,
-                  "ok": write_ok},
-    }
     report["faults"] = guest_faults(console.lines)
     report["guest"] = {
         "scenario_rc": int(done.fields.get("rc", "-1")),

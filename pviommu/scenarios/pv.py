@@ -1,10 +1,13 @@
-"""The PV-IOMMU scenario: the guest's virtio_iommu driver programs the backend.
+"""The PV-IOMMU scenario: the guest's virtio_iommu driver programs the backend, and
+the guest's virtio_blk and virtio-rng drivers do DMA through it.
 
 The backend (started first, stopped last) serves the virtio-iommu device over
-vhost-user; QEMU runs ``vhost-user-test-device-pci`` at 1.0 and a PCI function
-at 2.0 behind it, with the iommu-map patched into the device tree. The guest
-reports its IOMMU group and reserved regions; the host injects a fault over the
-backend's QMP and checks that the guest logged it and that QMP announced it.
+vhost-user and its endpoint devices over vfio-user: a virtio-blk at 2.0 and a
+virtio-rng at 3.0, both behind the PV-IOMMU (the iommu-map is patched into the
+device tree). The guest reports its IOMMU groups and reserved regions, writes
+and reads the disk (sha256 checked on both sides) and reads the rng. Then the
+host either injects a fault over the backend's QMP, or revokes a live mapping
+of the disk while the guest reads it, and checks what the guest and QMP saw.
 """
 
 from __future__ import annotations
@@ -16,26 +19,36 @@ from typing import Any
 
 from qemu.qmp import EventListener, QMPClient
 
-from ..backend import Backend, BackendConfig
+from ..backend import EVENT_REVOKED, Backend, BackendConfig
+from ..endpoints import EndpointSpec
 from ..iommu.pv import IommuConfig
 from ..machine.console import GuestFailed
 from ..machine.dtb import add_pci_iommu
 from ..machine.guest_image import build_initramfs
-from ..machine.guestlog import guest_faults
+from ..machine.guestlog import attach_io_errors, guest_faults, guest_io_errors
 from ..machine.qemu import QemuMachine, dump_dtb
 from ..machine.topology import (
     Device,
     Topology,
+    VfioUserPci,
     VhostUserIommuPci,
-    VirtioRngPci,
     pci_name,
     pci_rid,
 )
 from ..provision import GuestAssets
 from ..qmp.viommu import EVENT_FAULT
+from .dma import DmaPlan, blk_checks, make_image
 
 IOMMU_ADDR = "1.0"
-ENDPOINT_ADDR = "2.0"
+BLK_ADDR = "2.0"
+RNG_ADDR = "3.0"
+ENDPOINT_ADDR = BLK_ADDR
+MiB = 1 << 20
+
+
+def _demo_plan() -> DmaPlan:
+    return DmaPlan(image_bytes=64 * MiB, read_bytes=4 * MiB, write_offset=32 * MiB,
+                   write_bytes=4 * MiB)
 
 
 @dataclass
@@ -49,37 +62,69 @@ class FaultPlan:
 
 @dataclass
 class PvOptions:
-    """Knobs of the PV scenario."""
+    """Knobs of the PV scenario.
+
+    ``blk`` is the disk check (None: the guest does not load virtio_blk),
+    ``rng_bytes`` what the guest reads from the rng (0: virtio-rng not loaded),
+    ``fault`` a fault to inject over QMP, ``revoke`` whether the host revokes a
+    live mapping of the disk while the guest reads it (needs ``blk``).
+    """
 
     iommu: IommuConfig = field(default_factory=IommuConfig)
     passthrough: bool = False
-    fault: FaultPlan | None = field(default_factory=FaultPlan)
+    blk: DmaPlan | None = field(default_factory=_demo_plan)
+    rng_bytes: int = 4096
+    fault: FaultPlan | None = None
+    revoke: bool = True
     boot_timeout: float = 120
     step_timeout: float = 60
 
+    def __post_init__(self) -> None:
+        if self.revoke and self.blk is None:
+            raise ValueError("revoking a mapping needs the disk (blk)")
+        if self.rng_bytes % 64:
+            raise ValueError("rng_bytes must be a multiple of 64")
 
-def pv_initramfs(out: Path, assets: GuestAssets, endpoint_pci: str, fault_wait: int
+
+def pv_initramfs(out: Path, assets: GuestAssets, endpoints: list[str], opts: PvOptions
                  ) -> list[Any]:
-    """The guest image of the pv-iommu scenario; returns the modules it loads.
-
-    ``fault_wait`` seconds the guest waits for a fault in its log (0: none).
-    """
+    """The guest image of the pv-iommu scenario; returns the modules it loads."""
+    modules = ["virtio_iommu"]
+    env: dict[str, Any] = {"ENDPOINTS": " ".join(endpoints),
+                           "FAULT_WAIT": int(opts.step_timeout) if opts.fault else 0,
+                           "REVOKE_WAIT": int(opts.step_timeout) if opts.revoke else 0,
+                           "RNG_BYTES": opts.rng_bytes}
+    if opts.blk is not None:
+        modules.append("virtio_blk")
+        env.update({"DISK": "vda", "READ_BYTES": opts.blk.read_bytes,
+                    "WRITE_OFFSET": opts.blk.write_offset, "WRITE_BYTES": opts.blk.write_bytes})
+    if opts.rng_bytes:
+        modules.append("virtio-rng")
     return build_initramfs(out, busybox=assets.busybox, modules_dir=assets.modules,
-                           modules=["virtio_iommu"], scenario="pv-iommu",
-                           env={"ENDPOINT_PCI": endpoint_pci, "FAULT_WAIT": fault_wait})
+                           modules=modules, scenario="pv-iommu", env=env)
+
+
+def endpoint_specs(workdir: Path, image: Path) -> list[EndpointSpec]:
+    """The backend's endpoints of the scenario: virtio-blk on ``image``, virtio-rng."""
+    return [EndpointSpec("blk", workdir / "blk.sock", pci_rid(BLK_ADDR), image=image),
+            EndpointSpec("rng", workdir / "rng.sock", pci_rid(RNG_ADDR))]
+
+
+def endpoint_devices(specs: list[EndpointSpec]) -> list[Device]:
+    """The vfio-user-pci devices QEMU needs for the backend's endpoints."""
+    return [VfioUserPci(socket=s.socket, addr=f"{s.endpoint >> 3 & 0x1F:x}.{s.endpoint & 7}",
+                        id=f"{s.kind}{i}") for i, s in enumerate(specs)]
 
 
 async def pv_topology(qemu: Path, assets: GuestAssets, initrd: Path, workdir: Path,
-                      socket: Path, append: str, endpoints: list[Device] | None = None
-                      ) -> Topology:
+                      socket: Path, append: str, endpoints: list[Device]) -> Topology:
     """The PV topology with the device tree patched for the PV-IOMMU.
 
-    ``endpoints`` (default: a virtio-rng-pci at ENDPOINT_ADDR) sit behind the
-    IOMMU. The backend must already listen on ``socket``: dumping the DTB
-    realizes the vhost-user device, which connects.
+    ``endpoints`` sit behind the IOMMU: the iommu-map covers every RID of the
+    bus but the IOMMU's own. The backend must already listen on ``socket`` (and
+    on the endpoints' sockets): dumping the DTB realizes the devices, which
+    connect.
     """
-    if endpoints is None:
-        endpoints = [VirtioRngPci(addr=ENDPOINT_ADDR)]
     topology = Topology(kernel=assets.kernel, initrd=initrd, append=append,
                         devices=[VhostUserIommuPci(socket=socket, addr=IOMMU_ADDR), *endpoints])
     dtb = await dump_dtb(qemu, topology, workdir / "virt.dtb")
@@ -126,25 +171,27 @@ async def run(qemu: Path, assets: GuestAssets, workdir: Path,
     opts = options or PvOptions()
     t0 = time.monotonic()
     workdir.mkdir(parents=True, exist_ok=True)
-    endpoint_id = pci_rid(ENDPOINT_ADDR)
-    endpoint_pci = pci_name(endpoint_id)
+    image = workdir / "disk.img"
+    plan = opts.blk or _demo_plan()
+    host_read_sha = make_image(image, plan)
+    specs = endpoint_specs(workdir, image)
+    blk_ep = specs[0].endpoint
+    pci = {s.endpoint: pci_name(s.endpoint) for s in specs}
     initrd = workdir / "initramfs.cpio.gz"
-    modules = pv_initramfs(initrd, assets, endpoint_pci,
-                           int(opts.step_timeout) if opts.fault else 0)
+    modules = pv_initramfs(initrd, assets, list(pci.values()), opts)
     append = "console=ttyAMA0 panic=-1 quiet"
     if opts.passthrough:
         append += " iommu.passthrough=1"
 
     config = BackendConfig(viommu_socket=workdir / "viommu.sock",
                            qmp_socket=workdir / "backend-qmp.sock",
-                           endpoints=[endpoint_id], iommu=opts.iommu)
+                           endpoints=[], iommu=opts.iommu, devices=specs)
     report: dict[str, Any] = {"mode": "pv"}
-    events: list[dict[str, Any]] = []
     async with Backend(config) as backend:
         client, listener = await backend_qmp(config.qmp_socket)  # type: ignore[arg-type]
         try:
             topology = await pv_topology(qemu, assets, initrd, workdir, config.viommu_socket,
-                                         append)
+                                         append, endpoint_devices(specs))
             vm = QemuMachine(qemu, topology, workdir, log_file=workdir / "console.log")
             async with vm:
                 assert vm.console is not None
@@ -154,25 +201,30 @@ async def run(qemu: Path, assets: GuestAssets, workdir: Path,
                 injected = None
                 if opts.fault is not None:
                     injected = await client.execute("inject-fault", {
-                        "endpoint": endpoint_id, "address": opts.fault.address,
+                        "endpoint": blk_ep, "address": opts.fault.address,
                         "access": opts.fault.access, "reason": opts.fault.reason})
                     await vm.console.wait_marker("FAULT_SEEN", opts.step_timeout)
+                armed = None
+                if opts.revoke:
+                    # A disk read: the device writes guest memory (access "write").
+                    armed = await client.execute("revoke-mapping", {
+                        "endpoint": blk_ep, "min-size": 4096, "access": "write"})
+                    await vm.console.wait_marker("IO_RECOVERED", opts.step_timeout)
                 done = await vm.console.wait_marker("DONE", opts.step_timeout)
                 exit_status = await vm.wait_exit(opts.step_timeout)
                 console = vm.console
             events = [dict(ev) for ev in listener.history]
             stats = await client.execute("query-viommu-stats")
+            devices = await client.execute("query-endpoint-devices")
         finally:
             await client.disconnect()
         connections = backend.vhost.connections
 
     if (failed := console.find("FAIL")) is not None:
         raise GuestFailed(f"guest scenario failed: {failed.fields.get('reason', '?')}")
-    viommu = console.find("VIOMMU")
-    group = console.find("IOMMU_GROUP")
-    resv = [m.fields for m in console.markers if m.name == "RESV"]
     qmp_faults = [e for e in events if e.get("event") == EVENT_FAULT]
     faults = guest_faults(console.lines)
+    attach_io_errors(faults, console.lines)
     for f in faults:
         f["qmp_event"] = next((e["data"] for e in qmp_faults
                                if e["data"]["endpoint"] == f["endpoint"]
@@ -180,20 +232,54 @@ async def run(qemu: Path, assets: GuestAssets, workdir: Path,
     report["faults"] = faults
     report["injected"] = injected
     report["qmp_events"] = [{"event": e["event"], "data": e.get("data", {})} for e in events]
+    if opts.blk is not None:
+        report["dma"] = blk_checks(console, image, plan, host_read_sha)
+    if opts.rng_bytes:
+        report["rng"] = _rng_report(console, opts.rng_bytes)
+    if opts.revoke:
+        revoked = next((e["data"] for e in events if e.get("event") == EVENT_REVOKED), None)
+        errors = guest_io_errors(console.lines)
+        report["revocation"] = {
+            "armed": armed, "qmp_event": revoked,
+            "memory_unchanged": bool(revoked and revoked["memory-unchanged"]),
+            "guest_io_error": errors[0] if errors else None,
+            "recovered": console.find("IO_RECOVERED") is not None}
+    groups = {m.fields.get("pci"): m.fields for m in console.markers if m.name == "IOMMU_GROUP"}
+    report["endpoints"] = [
+        {"id": d["id"], "kind": d["kind"], "pci": pci[d["id"]],
+         "iommu_group": groups.get(pci[d["id"]], {}).get("group"),
+         "group_type": groups.get(pci[d["id"]], {}).get("type"),
+         "stats": d["stats"], "vfio_user_connections": d["connections"]}
+        for d in devices]
+    viommu = console.find("VIOMMU")
+    first = groups.get(pci[blk_ep], {})
+    disk = console.find("DISK")
     report["guest"] = {
         "scenario_rc": int(done.fields.get("rc", "-1")),
         "viommu_driver": viommu.fields.get("driver") if viommu else None,
-        "endpoint_pci": endpoint_pci,
-        "iommu_group": group.fields.get("group") if group else None,
-        "group_type": group.fields.get("type") if group else None,
-        "reserved_regions": resv,
+        "endpoint_pci": pci[blk_ep],
+        "iommu_group": first.get("group"),
+        "group_type": first.get("type"),
+        "reserved_regions": [m.fields for m in console.markers
+                             if m.name == "RESV" and m.fields.get("pci") == pci[blk_ep]],
+        "disk": disk.fields if disk else None,
         "modules": [m.name for m in modules],
         "kernel": str(assets.kernel),
     }
-    report["backend"] = {"vhost_user_connections": connections,
-                         "stats": stats}
+    report["backend"] = {"vhost_user_connections": connections, "stats": stats}
     report["qemu"] = {"binary": str(qemu), "exit_status": exit_status}
     report["timings"] = {"boot_s": round(booted.time - vm.started_at, 3),
                          "total_s": round(time.monotonic() - t0, 3)}
     report["logs"] = {"console": str(workdir / "console.log")}
     return report
+
+
+def _rng_report(console: Any, expected: int) -> dict[str, Any]:
+    rng = console.find("RNG")
+    if rng is None:
+        raise GuestFailed("guest did not report its rng read (no RNG marker)")
+    got = int(rng.fields.get("bytes", "0"))
+    current = rng.fields.get("current", "")
+    distinct = int(rng.fields.get("distinct", "0"))
+    return {"current": current, "bytes": got, "distinct_in_64": distinct,
+            "ok": got == expected and current.startswith("virtio_rng") and distinct > 16}

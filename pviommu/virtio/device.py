@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from ..dma import DMA_ERRORS, Access, DmaSpace, PhysicalDma
 from ..memory import GuestMemory, Piece, RemoteRange
 from .features import F_ACCESS_PLATFORM, F_VERSION_1, STATUS_NEEDS_RESET, bit
-from .queue import Chain, SplitQueue, VirtqueueError
+from .queue import Chain, SplitQueue, VirtqueueError, segments
 
 log = logging.getLogger(__name__)
 
@@ -306,16 +306,8 @@ def resolve_segments(dma: DmaSpace, segs: list[tuple[int, int]], offset: int, le
     if offset < 0 or length < 0 or offset + length > total:
         raise ValueError(f"{length} bytes at {offset} are outside a {total}-byte buffer")
     pieces: list[Piece] = []
-    for addr, n in segs:
-        if length <= 0:
-            break
-        if offset >= n:
-            offset -= n
-            continue
-        take = min(n - offset, length)
-        pieces += dma.resolve(addr + offset, take, access)
-        length -= take
-        offset = 0
+    for addr, n in segments(segs, offset, length):
+        pieces += dma.resolve(addr, n, access)
     return pieces
 
 

@@ -50,7 +50,7 @@ class Chain:
         return sum(n for _, n in self.writable)
 
 
-def _segments(segs: list[tuple[int, int]], offset: int, length: int
+def segments(segs: list[tuple[int, int]], offset: int, length: int
               ) -> Iterator[tuple[int, int]]:
     """The (addr, len) pieces of ``length`` bytes starting ``offset`` bytes into ``segs``."""
     for addr, n in segs:
@@ -73,7 +73,7 @@ def gather(dma: DmaSpace, segs: list[tuple[int, int]], offset: int = 0,
         length = max(total - offset, 0)
     if offset + length > total:
         raise VirtqueueError(f"read of {length} bytes at {offset} beyond a {total}-byte buffer")
-    return b"".join(dma.read(a, n) for a, n in _segments(segs, offset, length))
+    return b"".join(dma.read(a, n) for a, n in segments(segs, offset, length))
 
 
 def scatter(dma: DmaSpace, segs: list[tuple[int, int]], data: bytes | memoryview,
@@ -85,7 +85,7 @@ def scatter(dma: DmaSpace, segs: list[tuple[int, int]], data: bytes | memoryview
             f"write of {len(data)} bytes at {offset} beyond a {total}-byte buffer")
     mv = memoryview(data)
     pos = 0
-    for a, n in _segments(segs, offset, len(data)):
+    for a, n in segments(segs, offset, len(data)):
         dma.write(a, mv[pos:pos + n])
         pos += n
 

@@ -69,3 +69,23 @@ def test_patch_dtb(tmp_path, capsys):
     assert cli.main(["patch-dtb", str(tmp_path / "junk"), str(tmp_path / "o2")]) == 1
     assert "FDT_ERR_BADMAGIC" in capsys.readouterr().err
     assert cli.main(["patch-dtb", str(tmp_path / "missing"), str(tmp_path / "o3")]) == 1
+
+
+def test_endpoint_devices_of_serve(tmp_path):
+    image = tmp_path / "d.img"
+    image.write_bytes(bytes(4096))
+    args = _parse("serve", "--viommu", "s", "--blk", f"/b.sock,endpoint=00:02.0,image={image},ro",
+                  "--rng", "/r.sock,endpoint=0x18")
+    [blk] = args.blk
+    assert (blk.kind, str(blk.socket), blk.endpoint, blk.image, blk.read_only) == (
+        "blk", "/b.sock", 0x10, image, True)
+    [rng] = args.rng
+    assert (rng.kind, rng.endpoint, rng.image) == ("rng", 0x18, None)
+
+
+@pytest.mark.parametrize("bad", ["/b.sock", "/b.sock,endpoint=2.0", "/b.sock,endpoint=2.0,"
+                                 "image=/nonexistent", "/b.sock,endpoint=2.0,colour=red"])
+def test_bad_blk_options_are_refused(bad, capsys):
+    with pytest.raises(SystemExit):
+        _parse("serve", "--viommu", "s", "--blk", bad)
+    assert "--blk" in capsys.readouterr().err

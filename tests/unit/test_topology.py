@@ -1,10 +1,17 @@
 """Topology -> QEMU command line."""
 
+import json
 from pathlib import Path
 
 import pytest
 
-from pviommu.machine.topology import Topology, VirtioBlkPci, VirtioIommuPci, pci_rid
+from pviommu.machine.topology import (
+    Topology,
+    VfioUserPci,
+    VirtioBlkPci,
+    VirtioIommuPci,
+    pci_rid,
+)
 
 
 @pytest.mark.parametrize(("addr", "rid"), [("1.0", 0x8), ("2.0", 0x10), ("2", 0x10),
@@ -24,7 +31,8 @@ def test_command_line_of_the_anchor():
     assert "-nic none" in joined
     assert "-qmp unix:/s,server=on,wait=off" in joined
     assert "virtio-iommu-pci,id=viommu,addr=1.0" in joined
-    assert "virtio-blk-pci,id=blk0,drive=blk0-fmt,addr=2.0,disable-legacy=on" in joined
+    assert ("virtio-blk-pci,id=blk0,drive=blk0-fmt,addr=2.0,disable-legacy=on,"
+            "iommu_platform=on") in joined
     assert "filename=/d.img" in joined
     assert topo.devices[1].endpoint_id == 0x10
 
@@ -35,3 +43,12 @@ def test_dumpdtb_and_dtb_options():
     dump = topo.command_line(Path("/q"), dumpdtb=Path("/out.dtb"))
     assert "-dtb" not in dump
     assert "virt,gic-version=3,memory-backend=mem,dumpdtb=/out.dtb" in dump
+
+
+def test_a_vfio_user_endpoint_is_a_json_device_with_its_socket():
+    dev = VfioUserPci(socket=Path("/run/blk.sock"), addr="3.0", id="blk")
+    argv = dev.qemu_args()
+    assert argv[0] == "-device"
+    assert json.loads(argv[1]) == {"driver": "vfio-user-pci", "id": "blk", "addr": "3.0",
+                                   "socket": {"type": "unix", "path": "/run/blk.sock"}}
+    assert dev.endpoint_id == 0x18
