@@ -104,6 +104,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.rounds < 1:
+        print("pviommu: error: --rounds must be at least 1", file=sys.stderr)
+        return 2
     qemu, assets = provision.setup(args.kernel, args.modules)
     workdir = args.workdir or provision.cache_dir() / "runs" / "bench"
     if args.workdir is None:
@@ -333,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="measure guest disk throughput through the PV path "
                                      "against QEMU's built-in virtio-iommu + virtio-blk")
-    p.add_argument("--rounds", type=int, default=5,
+    p.add_argument("--rounds", type=int, default=7,
                    help="guests per cell; the table shows medians (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print the raw samples as JSON")
     p.add_argument("--workdir", type=Path, help="where images and logs go "

@@ -39,7 +39,7 @@ class BenchPlan:
     tests: list[tuple[str, int, int]] = field(default_factory=lambda: [
         ("read", 4096, 8 * MiB), ("read", MiB, 256 * MiB),
         ("write", 4096, 8 * MiB), ("write", MiB, 256 * MiB)])
-    rounds: int = 5
+    rounds: int = 7
     image_bytes: int = 512 * MiB
     timeout: float = 600
 
