@@ -24,6 +24,8 @@ from .transport.vhost_user.backend import VhostUserServer
 log = logging.getLogger(__name__)
 
 EVENT_REVOKED = "IOMMU_MAPPING_REVOKED"
+# The largest revoked mapping whose memory is digested (hashing blocks the loop).
+REVOKED_DIGEST_MAX = 64 << 20
 
 
 @dataclass
@@ -85,7 +87,7 @@ class Backend:
 
     def _revoked_digest(self, endpoint: int, gpa: int, size: int) -> str | None:
         ep = self.endpoints.get(endpoint)
-        if ep is None:
+        if ep is None or size > REVOKED_DIGEST_MAX:
             return None
         try:
             return hashlib.sha256(ep.memory.view(gpa, size, write=False)).hexdigest()
@@ -105,7 +107,7 @@ class Backend:
                 "virt-start": data["virt_start"], "virt-end": data["virt_end"],
                 "phys-start": data["phys_start"], "sha256-before": before,
                 "sha256-after": now,
-                "memory-unchanged": before is not None and before == now})
+                "memory-unchanged": None if before is None or now is None else before == now})
         # Runs after the request that faulted has completed (requests whose memory
         # is local finish within one step of the event loop).
         asyncio.get_running_loop().call_soon(after)

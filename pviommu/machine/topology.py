@@ -13,6 +13,11 @@ def pci_rid(addr: str, bus: int = 0) -> int:
     return (bus << 8) | (int(dev, 16) << 3) | int(fn or "0", 16)
 
 
+def pci_addr(rid: int) -> str:
+    """The "DEV.FN" address (QEMU's ``addr=``) of requester ID ``rid`` on its bus."""
+    return f"{rid >> 3 & 0x1F:x}.{rid & 7:x}"
+
+
 def pci_name(rid: int) -> str:
     """The guest's sysfs name (domain 0) of the function with requester ID ``rid``."""
     return f"0000:{rid >> 8:02x}:{rid >> 3 & 0x1F:02x}.{rid & 7:x}"

@@ -32,6 +32,7 @@ from ..machine.topology import (
     Topology,
     VfioUserPci,
     VhostUserIommuPci,
+    pci_addr,
     pci_name,
     pci_rid,
 )
@@ -112,8 +113,8 @@ def endpoint_specs(workdir: Path, image: Path) -> list[EndpointSpec]:
 
 def endpoint_devices(specs: list[EndpointSpec]) -> list[Device]:
     """The vfio-user-pci devices QEMU needs for the backend's endpoints."""
-    return [VfioUserPci(socket=s.socket, addr=f"{s.endpoint >> 3 & 0x1F:x}.{s.endpoint & 7}",
-                        id=f"{s.kind}{i}") for i, s in enumerate(specs)]
+    return [VfioUserPci(socket=s.socket, addr=pci_addr(s.endpoint), id=f"{s.kind}{i}")
+            for i, s in enumerate(specs)]
 
 
 async def pv_topology(qemu: Path, assets: GuestAssets, initrd: Path, workdir: Path,

@@ -95,3 +95,13 @@ def test_two_devices_on_one_endpoint_are_refused(tmp_path):
         Backend(BackendConfig(viommu_socket=tmp_path / "v.sock", devices=[
             EndpointSpec("rng", tmp_path / "a.sock", RNG),
             EndpointSpec("rng", tmp_path / "b.sock", RNG)]))
+
+
+async def test_a_huge_revoked_mapping_is_not_digested(backend):
+    b, _client, events = backend
+    _memory(b, RNG)
+    b.iommu.attach(3, RNG, 0)
+    b.iommu.map(3, 0, (128 << 20) - 1, GPA, MAP_F_READ)  # beyond guest memory, too big
+    assert b.iommu.revoke(RNG, 0x1000) is not None
+    data = await _revoked_event(events)
+    assert data["memory-unchanged"] is None and data["sha256-before"] is None

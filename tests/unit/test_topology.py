@@ -10,6 +10,7 @@ from pviommu.machine.topology import (
     VfioUserPci,
     VirtioBlkPci,
     VirtioIommuPci,
+    pci_addr,
     pci_rid,
 )
 
@@ -18,6 +19,7 @@ from pviommu.machine.topology import (
                                            ("1f.7", 0xFF)])
 def test_pci_rid(addr, rid):
     assert pci_rid(addr) == rid
+    assert pci_rid(pci_addr(rid)) == rid
 
 
 def test_command_line_of_the_anchor():
