@@ -110,7 +110,10 @@ class Backend:
                 "memory-unchanged": None if before is None or now is None else before == now})
         # Runs after the request that faulted has completed (requests whose memory
         # is local finish within one step of the event loop).
-        asyncio.get_running_loop().call_soon(after)
+        try:
+            asyncio.get_running_loop().call_soon(after)
+        except RuntimeError:  # no loop (a revocation from synchronous code): report now
+            after()
 
     def _transport_stats(self) -> dict[str, Any]:
         return {"vhost-user": {"connections": self.vhost.connections,

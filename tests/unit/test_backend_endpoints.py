@@ -105,3 +105,15 @@ async def test_a_huge_revoked_mapping_is_not_digested(backend):
     assert b.iommu.revoke(RNG, 0x1000) is not None
     data = await _revoked_event(events)
     assert data["memory-unchanged"] is None and data["sha256-before"] is None
+
+
+def test_a_revocation_outside_the_event_loop_is_reported_at_once(tmp_path):
+    b = Backend(BackendConfig(viommu_socket=tmp_path / "v.sock",
+                              devices=[EndpointSpec("rng", tmp_path / "r.sock", RNG)]))
+    sent = []
+    b.qmp.emit = lambda event, data=None: sent.append((event, data))
+    b.iommu.attach(1, RNG, 0)
+    b.iommu.map(1, 0, 0xFFF, GPA, MAP_F_READ)
+    assert b.iommu.revoke(RNG, 0) is not None
+    [revoked] = [data for event, data in sent if event == EVENT_REVOKED]
+    assert revoked["memory-unchanged"] is None  # no memory was handed over
