@@ -37,9 +37,10 @@ class DomainDma:
             raise
 
     @property
-    def generation(self) -> object:
-        """Changes whenever a translation given out before may no longer hold."""
-        return (self.memory.generation, self.iommu.generation, self.iommu.bypass)
+    def generation(self) -> int:
+        """Changes whenever a translation given out before may no longer hold (both
+        counters only grow, so their sum changes whenever either does)."""
+        return self.memory.generation + self.iommu.generation
 
     def try_view(self, addr: int, length: int, access: Access) -> memoryview | None:
         """One local view of the translated range, or None; faults are not reported."""

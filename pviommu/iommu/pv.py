@@ -176,13 +176,24 @@ class PvIommu:
         self.domains: dict[int, Domain] = {}
         self.negotiated = Negotiated(mmio=self.config.mmio,
                                      bypass_config=self.config.bypass_config)
-        self.bypass = self.config.bypass
+        self._bypass = self.config.bypass
         self.mapping_count = 0
         self.resv = self.config.resv_regions()  # MAP checks them on every request
         self.armed: dict[int, ArmedRevocation] = {}
         # Changes whenever a translation may have gone (UNMAP, DETACH, ATTACH
-        # elsewhere, revocation, reset): cached translations are then stale.
+        # elsewhere, revocation, reset, a bypass change): cached ones are then stale.
         self.generation = 0
+
+    @property
+    def bypass(self) -> bool:
+        """Whether unattached endpoints bypass translation (the config's ``bypass``)."""
+        return self._bypass
+
+    @bypass.setter
+    def bypass(self, value: bool) -> None:
+        if value != self._bypass:
+            self._bypass = value
+            self.generation += 1
 
     # -- lifecycle --------------------------------------------------------------
 

@@ -185,3 +185,20 @@ def test_cached_ring_views_die_with_the_mapping(backend, memory):
     with pytest.raises(DmaFault):
         queue.pop()
     assert faults and faults[-1][0].reason.name == "MAPPING"
+
+
+def test_turning_bypass_off_drops_cached_ring_views(backend, memory):
+    b, faults = backend
+    b.iommu.bypass = True  # an unattached endpoint's DMA is identity
+    dma = b.endpoint_dma(EP, memory)
+    driver = FakeDriver(memory, GPA, queue_size=8, span=0x4000)
+    queue = driver.queue(dma)
+    driver.add([b"x"], [1])
+    driver.publish()
+    assert queue.pop() is not None and queue._rings is not None
+    b.iommu.bypass = False
+    driver.add([b"y"], [1])
+    driver.publish()
+    with pytest.raises(DmaFault):
+        queue.pop()
+    assert faults[-1][0].reason.name == "DOMAIN"
