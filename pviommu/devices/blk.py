@@ -29,6 +29,7 @@ import errno
 import logging
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,26 +90,27 @@ def _advance(views: list[memoryview], n: int) -> list[memoryview]:
     return views
 
 
-def preadv_all(fd: int, views: list[memoryview], offset: int) -> None:
-    """Fills ``views`` from ``fd`` at ``offset``; OSError(EIO) if the file ends first."""
+def _vectored(op: Callable[[int, list[memoryview], int], int], fd: int,
+              views: list[memoryview], offset: int, stalled: str) -> None:
+    """Runs ``op`` (os.preadv or os.pwritev) until every byte of ``views`` moved;
+    OSError(EIO) with ``stalled`` (formatted with ``offset``) if a call moves nothing."""
     views = [v for v in views if len(v)]
     while views:
-        n = os.preadv(fd, views[:IOV_MAX], offset)
+        n = op(fd, views[:IOV_MAX], offset)
         if n == 0:
-            raise OSError(errno.EIO, f"image ends at {offset}, before the request's end")
+            raise OSError(errno.EIO, stalled.format(offset=offset))
         offset += n
         views = _advance(views, n)
+
+
+def preadv_all(fd: int, views: list[memoryview], offset: int) -> None:
+    """Fills ``views`` from ``fd`` at ``offset``; OSError(EIO) if the file ends first."""
+    _vectored(os.preadv, fd, views, offset, "image ends at {offset}, before the request's end")
 
 
 def pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
     """Writes ``views`` to ``fd`` at ``offset``."""
-    views = [v for v in views if len(v)]
-    while views:
-        n = os.pwritev(fd, views[:IOV_MAX], offset)
-        if n == 0:
-            raise OSError(errno.EIO, f"image write at {offset} made no progress")
-        offset += n
-        views = _advance(views, n)
+    _vectored(os.pwritev, fd, views, offset, "image write at {offset} made no progress")
 
 
 class _Refused(Exception):
