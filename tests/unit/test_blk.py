@@ -35,6 +35,7 @@ from pviommu.virtio.features import (
     bit,
 )
 from pviommu.virtio.queue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
+from tests.fakes.dma import FakeRemote, RingsPhysical
 from tests.fakes.virtio_driver import FakeDriver, RecordingTransport, memfd_memory
 
 GPA = 0x40000000
@@ -56,53 +57,11 @@ def header(rtype: int, sector: int = 0) -> bytes:
     return struct.pack("<IIQ", rtype, 0, sector)
 
 
-class FakeRemote:
-    """The frontend's DMA_READ/DMA_WRITE over the remote region, optionally held at a gate."""
-
-    def __init__(self) -> None:
-        self.mem = bytearray(REMOTE_SIZE)
-        self.gate: asyncio.Event | None = None
-        self.reads: list[tuple[int, int]] = []
-        self.writes: list[tuple[int, int]] = []
-
-    async def read(self, gpa: int, length: int) -> bytes:
-        self.reads.append((gpa, length))
-        if self.gate is not None:
-            await self.gate.wait()
-        off = gpa - REMOTE_GPA
-        return bytes(self.mem[off:off + length])
-
-    async def write(self, gpa: int, data: bytes) -> None:
-        self.writes.append((gpa, len(data)))
-        if self.gate is not None:
-            await self.gate.wait()
-        off = gpa - REMOTE_GPA
-        self.mem[off:off + len(data)] = data
-
-
-class RingsPhysical:
-    """Rings reached guest-physically, buffers through ``dma`` (to test an unattached
-    endpoint, whose rings would be unreachable too)."""
-
-    def __init__(self, memory, dma) -> None:
-        self.phys = PhysicalDma(memory)
-        self.dma = dma
-
-    def read(self, addr, length):
-        return self.phys.read(addr, length)
-
-    def write(self, addr, data):
-        self.phys.write(addr, data)
-
-    def resolve(self, addr, length, access):
-        return self.dma.resolve(addr, length, access)
-
-
 @pytest.fixture
 def memory():
     mem, fd = memfd_memory(MEM_SIZE, GPA)
     mem.add_region(RegionSpec(REMOTE_GPA, REMOTE_SIZE, 0, 0), None)
-    mem.remote = FakeRemote()
+    mem.remote = FakeRemote(REMOTE_GPA, REMOTE_SIZE)
     yield mem
     mem.clear()
     os.close(fd)

@@ -9,6 +9,7 @@ from pviommu.dma import Access, DmaFault, load, local_views, store
 from pviommu.iommu.mappings import MAP_F_READ, MAP_F_WRITE
 from pviommu.iommu.pv import ATTACH_F_BYPASS, ArmedRevocation, Status
 from pviommu.memory import GuestMemory, MemoryAccessError, RegionSpec
+from tests.fakes.dma import FakeRemote
 from tests.fakes.virtio_driver import FakeDriver
 
 GPA = 0x40000000
@@ -91,29 +92,13 @@ def test_unattached_and_bypass_endpoints(backend, memory):
     assert len(faults) == 1
 
 
-class _FakeRemote:
-    """The frontend's side of memory without an fd: records what crosses it."""
-
-    def __init__(self, size: int) -> None:
-        self.data = bytearray(size)
-        self.calls: list[tuple[str, int, int]] = []
-
-    async def read(self, gpa: int, length: int) -> bytes:
-        self.calls.append(("read", gpa, length))
-        return bytes(self.data[gpa - REMOTE:gpa - REMOTE + length])
-
-    async def write(self, gpa: int, data: bytes) -> None:
-        self.calls.append(("write", gpa, len(data)))
-        self.data[gpa - REMOTE:gpa - REMOTE + len(data)] = data
-
-
 REMOTE = GPA + SIZE  # a remote region right after the memfd one
 
 
 async def test_resolve_translates_everything_first_and_pieces_reach_local_and_remote_memory(
         backend, memory):
     b, faults = backend
-    remote = _FakeRemote(0x2000)
+    remote = FakeRemote(REMOTE, 0x2000)
     memory.add_region(RegionSpec(REMOTE, 0x2000, 0, 0), None)
     memory.remote = remote
     b.iommu.attach(1, EP, 0)
@@ -124,7 +109,7 @@ async def test_resolve_translates_everything_first_and_pieces_reach_local_and_re
     assert local_views(pieces) is None
     await store(pieces, b"L" * 0x100 + b"R" * 0x100)
     assert memory.read(GPA + 0x3F00, 0x100) == b"L" * 0x100
-    assert remote.data[:0x100] == b"R" * 0x100
+    assert remote.mem[:0x100] == b"R" * 0x100
     assert await load(dma.resolve(0x10F00, 0x200, Access.READ)) == b"L" * 0x100 + b"R" * 0x100
     assert remote.calls == [("write", REMOTE, 0x100), ("read", REMOTE, 0x100)]
     views = local_views(dma.resolve(0x10000, 0x10, Access.READ))

@@ -18,6 +18,7 @@ from pviommu.iommu.pv import IommuConfig, PvIommu, Status
 from pviommu.memory import RegionSpec
 from pviommu.virtio.features import F_ACCESS_PLATFORM, F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1
 from pviommu.virtio.queue import DESC_F_NEXT, DESC_F_WRITE
+from tests.fakes.dma import FakeRemote, RingsPhysical
 from tests.fakes.virtio_driver import FakeDriver, RecordingTransport, memfd_memory
 
 GPA = 0x40000000
@@ -44,47 +45,11 @@ class CountingSource:
         return bytes(next(self.counter) & 0xFF for _ in range(n))
 
 
-class FakeRemote:
-    """The frontend's DMA_WRITE into the remote region, optionally held at a gate."""
-
-    def __init__(self) -> None:
-        self.mem = bytearray([POISON]) * REMOTE_SIZE
-        self.gate: asyncio.Event | None = None
-        self.writes: list[tuple[int, int]] = []
-
-    async def read(self, gpa: int, length: int) -> bytes:
-        raise AssertionError("virtio-rng never reads guest memory")
-
-    async def write(self, gpa: int, data: bytes) -> None:
-        self.writes.append((gpa, len(data)))
-        if self.gate is not None:
-            await self.gate.wait()
-        off = gpa - REMOTE_GPA
-        self.mem[off:off + len(data)] = data
-
-
-class RingsPhysical:
-    """Rings reached guest-physically, buffers through ``dma`` (an unattached endpoint's)."""
-
-    def __init__(self, memory, dma) -> None:
-        self.phys = PhysicalDma(memory)
-        self.dma = dma
-
-    def read(self, addr, length):
-        return self.phys.read(addr, length)
-
-    def write(self, addr, data):
-        self.phys.write(addr, data)
-
-    def resolve(self, addr, length, access):
-        return self.dma.resolve(addr, length, access)
-
-
 @pytest.fixture
 def memory():
     mem, fd = memfd_memory(MEM_SIZE, GPA)
     mem.add_region(RegionSpec(REMOTE_GPA, REMOTE_SIZE, 0, 0), None)
-    mem.remote = FakeRemote()
+    mem.remote = FakeRemote(REMOTE_GPA, REMOTE_SIZE, fill=POISON, readable=False)
     yield mem
     mem.clear()
     os.close(fd)
