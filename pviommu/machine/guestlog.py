@@ -37,23 +37,28 @@ _IO_ERROR = re.compile(r"(?P<status>[\w /]+?) error, dev (?P<dev>\w+), sector (?
 _BUFFER_ERROR = re.compile(r"Buffer I/O error on dev (?P<dev>\w+), logical block (?P<block>\d+)")
 
 
+def _is_io_error(line: str) -> bool:
+    return bool(_IO_ERROR.search(line) or _BUFFER_ERROR.search(line))
+
+
 def guest_io_errors(lines: list[str]) -> list[str]:
     """The guest's block-layer I/O error lines, stripped."""
-    return [line.strip() for line in lines if _IO_ERROR.search(line) or _BUFFER_ERROR.search(line)]
+    return [line.strip() for line in lines if _is_io_error(line)]
 
 
 def attach_io_errors(faults: list[dict[str, object]], lines: list[str]) -> None:
     """Appends to each fault's ``guest_log`` the I/O errors the guest logged after it
-    (and before the next fault): what the driver made of the failed DMA."""
-    positions = []
-    start = 0
-    for fault in faults:
-        at = next(i for i in range(start, len(lines)) if lines[i].strip() == fault["guest_log"])
-        positions.append(at)
-        start = at + 1
-    for n, fault in enumerate(faults):
-        end = positions[n + 1] if n + 1 < len(faults) else len(lines)
-        errors = guest_io_errors(lines[positions[n] + 1:end])
-        fault["io_errors"] = errors
-        if errors:
-            fault["guest_log"] = "\n".join([str(fault["guest_log"]), *errors])
+    (and before the next fault): what the driver made of the failed DMA.
+
+    ``faults`` are :func:`guest_faults` of the same ``lines``, in order.
+    """
+    errors: list[list[str]] = []
+    for line in lines:
+        if _VIOMMU_FAULT.search(line):
+            errors.append([])
+        elif errors and _is_io_error(line):
+            errors[-1].append(line.strip())
+    for fault, found in zip(faults, errors, strict=True):
+        fault["io_errors"] = found
+        if found:
+            fault["guest_log"] = "\n".join([str(fault["guest_log"]), *found])
