@@ -43,9 +43,10 @@ class DomainDma:
         return self.memory.generation + self.iommu.generation
 
     def try_view(self, addr: int, length: int, access: Access) -> memoryview | None:
-        """One local view of the translated range, or None; faults are not reported."""
+        """One local view of the translated range, or None; faults are not reported and
+        the lookup is no DMA (an armed revocation waits for a real one)."""
         try:
-            pieces = self.iommu.translate(self.endpoint, addr, length, access)
+            pieces = self.iommu.translate(self.endpoint, addr, length, access, dma=False)
             if len(pieces) != 1:
                 return None
             piece = self.memory.piece(pieces[0][0], length, bool(access & Access.WRITE))

@@ -372,11 +372,12 @@ class PvIommu:
 
     # -- translation --------------------------------------------------------------
 
-    def translate(self, endpoint: int, iova: int, length: int, access: Access
-                  ) -> list[tuple[int, int]]:
+    def translate(self, endpoint: int, iova: int, length: int, access: Access,
+                  dma: bool = True) -> list[tuple[int, int]]:
         """The guest-physical pieces of ``[iova, iova+length)`` as seen by ``endpoint``.
 
         Raises :class:`DmaFault` with the virtio-iommu reason if any byte fails.
+        ``dma`` False is a lookup, not a DMA: an armed revocation ignores it.
         """
         if not self.endpoint_exists(endpoint):
             raise DmaFault(iova, access, FaultReason.UNKNOWN.name, endpoint)
@@ -390,7 +391,8 @@ class PvIommu:
         if dom.bypass:
             return [(iova, length)]
         armed = self.armed.get(endpoint)
-        if armed is not None and armed.matches(length, access) and self.revoke(endpoint, iova):
+        if (dma and armed is not None and armed.matches(length, access)
+                and self.revoke(endpoint, iova)):
             del self.armed[endpoint]
         need = (MAP_F_WRITE if access & Access.WRITE else 0) | (
             MAP_F_READ if access & (Access.READ | Access.EXEC) else 0)

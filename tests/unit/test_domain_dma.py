@@ -187,3 +187,13 @@ def test_turning_bypass_off_drops_cached_ring_views(backend, memory):
     with pytest.raises(DmaFault):
         queue.pop()
     assert faults[-1][0].reason.name == "DOMAIN"
+
+
+def test_caching_ring_views_does_not_trigger_an_armed_revocation(backend, memory):
+    b, faults = backend
+    b.iommu.attach(1, EP, 0)
+    b.iommu.map(1, GPA, GPA + 0x3FFF, GPA, MAP_F_READ | MAP_F_WRITE)
+    b.iommu.arm_revocation(ArmedRevocation(EP, min_length=512))
+    dma = b.endpoint_dma(EP, memory)
+    assert dma.try_view(GPA, 0x1000, Access.READ) is not None
+    assert EP in b.iommu.armed and b.iommu.mapping_count == 1 and not faults
