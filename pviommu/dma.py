@@ -64,6 +64,11 @@ class DmaSpace(Protocol):
     # is reported). See SplitQueue.
 
 
+def piece_len(piece: Piece) -> int:
+    """The length of a resolved piece."""
+    return piece.length if isinstance(piece, RemoteRange) else len(piece)
+
+
 async def load(pieces: list[Piece]) -> bytes:
     """The bytes behind resolved ``pieces`` (remote ones fetched from the frontend)."""
     parts = [await p.read() if isinstance(p, RemoteRange) else p for p in pieces]
@@ -75,7 +80,7 @@ async def store(pieces: list[Piece], data: bytes | bytearray | memoryview) -> No
     src = memoryview(data)
     pos = 0
     for p in pieces:
-        n = p.length if isinstance(p, RemoteRange) else len(p)
+        n = piece_len(p)
         if isinstance(p, RemoteRange):
             await p.write(src[pos:pos + n])
         else:

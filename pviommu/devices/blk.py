@@ -33,9 +33,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..dma import DMA_ERRORS, Access, DmaFault, DmaSpace, load, local_views, store
+from ..dma import DMA_ERRORS, Access, DmaFault, DmaSpace, load, local_views, piece_len, store
 from ..memory import Piece
-from ..virtio.device import VirtioDevice, piece_len, resolve_segments, split_pieces
+from ..virtio.device import VirtioDevice, resolve_segments, split_pieces
 from ..virtio.features import F_EVENT_IDX, F_INDIRECT_DESC, bit
 from ..virtio.queue import MAX_QUEUE_SIZE, Chain, SplitQueue
 

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, Protocol
 
-from ..dma import DMA_ERRORS, Access, DmaSpace, PhysicalDma
+from ..dma import DMA_ERRORS, Access, DmaSpace, PhysicalDma, piece_len
 from ..memory import GuestMemory, Piece, RemoteRange
 from .features import F_ACCESS_PLATFORM, F_VERSION_1, STATUS_NEEDS_RESET, bit
 from .queue import Chain, SplitQueue, VirtqueueError, segments
@@ -286,11 +286,6 @@ class VirtioDevice:
 
 
 # -- resolving request buffers --------------------------------------------------------------
-
-
-def piece_len(piece: Piece) -> int:
-    """The length of a resolved piece."""
-    return piece.length if isinstance(piece, RemoteRange) else len(piece)
 
 
 def resolve_segments(dma: DmaSpace, segs: list[tuple[int, int]], offset: int, length: int,
