@@ -230,7 +230,8 @@ async def _serve(config: BackendConfig) -> None:
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # SIGHUP (the terminal went away) stops the backend like SIGTERM, sockets removed.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, task.cancel)
     async with Backend(config) as backend:
         print(f"pviommu: serving virtio-iommu on {config.viommu_socket}"
