@@ -17,14 +17,17 @@ import libfdt
 
 from . import kconfig, provision
 from .backend import Backend, BackendConfig
-from .endpoints import EndpointSpec
+from .endpoints import EndpointSpec, create_image, parse_endpoint_id
 from .iommu.pv import IommuConfig, ResvRegion, ResvType
 from .machine.console import GuestFailed, GuestTimeout
 from .machine.dtb import DtbError, add_pci_iommu
 from .machine.qemu import QemuError
-from .machine.topology import pci_name, pci_rid
+from .machine.topology import pci_name
 from .report import format_report
 from .scenarios import bench, dma, pv
+from .transport.unix_socket import SocketPathError, resolve_group
+from .transport.vfio_user.protocol import MAX_DMA_MAPS
+from .transport.vfio_user.server import DEFAULT_MAX_DMA_MAPS
 
 DEMO_MODES = ("pv", "builtin")
 
@@ -127,39 +130,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _endpoint_id(text: str) -> int:
     """An endpoint ID: a number (0x10, 16) or a PCI address ([BUS:]DEV.FN)."""
     try:
-        if "." in text:
-            bus, _, devfn = text.rpartition(":")
-            return pci_rid(devfn, int(bus, 16) if bus else 0)
+        return parse_endpoint_id(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _max_dma_maps(text: str) -> int:
+    try:
         value = int(text, 0)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is neither a number nor a PCI address like 00:02.0") from None
-    if not 0 <= value <= 0xFFFFFFFF:
-        raise argparse.ArgumentTypeError(f"endpoint ID {text} does not fit in 32 bits")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 1 <= value <= MAX_DMA_MAPS:
+        raise argparse.ArgumentTypeError(f"{value} is not in 1..{MAX_DMA_MAPS}")
     return value
 
 
 def _endpoint_device(kind: str) -> Callable[[str], EndpointSpec]:
-    """Parses SOCKET,endpoint=ID[,image=PATH][,ro][,serial=S] into an EndpointSpec."""
+    """Parses SOCKET,endpoint=ID[,image=PATH][,size=SIZE][,ro][,serial=S]."""
     def parse(text: str) -> EndpointSpec:
-        socket, *opts = text.split(",")
-        fields: dict = {}
-        for opt in opts:
-            key, eq, value = opt.partition("=")
-            if key == "endpoint" and eq:
-                fields["endpoint"] = _endpoint_id(value)
-            elif key == "image" and eq and kind == "blk":
-                fields["image"] = Path(value)
-            elif key == "serial" and eq and kind == "blk":
-                fields["serial"] = value
-            elif key == "ro" and not eq and kind == "blk":
-                fields["read_only"] = True
-            else:
-                raise argparse.ArgumentTypeError(f"{opt!r} is not an option of --{kind}")
-        if not socket or "endpoint" not in fields:
-            raise argparse.ArgumentTypeError(f"--{kind} needs SOCKET,endpoint=ID")
         try:
-            return EndpointSpec(kind, Path(socket), **fields)
+            return EndpointSpec.parse(kind, text)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
     parse.__name__ = f"--{kind}"
@@ -265,9 +255,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if len(set(ids)) != len(ids):
         print("pviommu: error: two endpoint devices share an endpoint ID", file=sys.stderr)
         return 2
+    try:
+        group = None if args.socket_group is None else resolve_group(args.socket_group)
+    except SocketPathError as exc:
+        print(f"pviommu: error: {exc}", file=sys.stderr)
+        return 2
+    for d in args.blk:
+        try:
+            if create_image(d):
+                print(f"pviommu: created {d.image} ({d.size} bytes, sparse)", file=sys.stderr)
+        except (OSError, ValueError) as exc:
+            print(f"pviommu: error: {exc}", file=sys.stderr)
+            return 2
     config = BackendConfig(viommu_socket=args.viommu, qmp_socket=args.qmp,
                            endpoints=args.endpoint or None, iommu=iommu_config(args),
-                           devices=devices)
+                           devices=devices, socket_group=group,
+                           max_dma_maps=args.max_dma_maps)
     try:
         asyncio.run(_serve(config))
     except OSError as exc:
@@ -304,12 +307,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "IOMMU; repeatable. ATTACH of any other ID fails with NOENT. "
                         "Without it every ID is accepted (unless --blk/--rng name them)")
     p.add_argument("--blk", type=_endpoint_device("blk"), action="append", default=[],
-                   metavar="SOCKET,endpoint=ID,image=PATH[,ro][,serial=S]",
+                   metavar="SOCKET,endpoint=ID,image=PATH[,size=SIZE][,ro][,serial=S]",
                    help="serve a virtio-blk endpoint over vfio-user on SOCKET, backed by the "
-                        "image file PATH; ID is its PCI address or RID (repeatable)")
+                        "image file PATH; ID is its PCI address or RID (repeatable). With "
+                        "size= (e.g. 64M) a missing image is created sparse, and an existing "
+                        "one must have that size")
     p.add_argument("--rng", type=_endpoint_device("rng"), action="append", default=[],
                    metavar="SOCKET,endpoint=ID",
                    help="serve a virtio-rng endpoint over vfio-user on SOCKET (repeatable)")
+    p.add_argument("--socket-group", metavar="GROUP",
+                   help="let GROUP (a name or GID) connect to every socket: they are created "
+                        "0660 with that group instead of owner-only 0600")
+    p.add_argument("--max-dma-maps", type=_max_dma_maps, default=DEFAULT_MAX_DMA_MAPS,
+                   metavar="N", help="DMA maps one vfio-user client may hold per endpoint; "
+                                     "past it DMA_MAP fails with ENOSPC (default %(default)s)")
     _add_iommu_options(p)
     p.set_defaults(func=cmd_serve)
 

@@ -7,25 +7,66 @@ QEMU gives it on the bus. Its DMA space is its PV-IOMMU domain.
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .devices.blk import VirtioBlk
+from .devices.blk import SECTOR, VirtioBlk
 from .devices.rng import VirtioRng
 from .dma import DmaSpace
+from .machine.topology import pci_rid
 from .memory import GuestMemory
-from .transport.vfio_user.server import VfioUserServer
+from .transport.vfio_user.server import DEFAULT_MAX_DMA_MAPS, VfioUserServer
 from .virtio.device import VirtioDevice
 from .virtio.pci import VirtioPciFunction
 
 KINDS = ("blk", "rng")
+_SIZE = re.compile(r"(\d+)([KMGT]?)(?:i?B)?", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_endpoint_id(text: str) -> int:
+    """An endpoint ID: a number (0x10, 16) or a PCI address ([BUS:]DEV.FN).
+
+    ValueError if it is neither, or does not fit in 32 bits.
+    """
+    try:
+        if "." in text:
+            bus, _, devfn = text.rpartition(":")
+            return pci_rid(devfn, int(bus, 16) if bus else 0)
+        value = int(text, 0)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is neither a number nor a PCI address like 00:02.0") from None
+    if not 0 <= value <= 0xFFFFFFFF:
+        raise ValueError(f"endpoint ID {text} does not fit in 32 bits")
+    return value
+
+
+def parse_size(text: str) -> int:
+    """A disk size: bytes, or a number with K, M, G or T (binary units), e.g. 64M.
+
+    ValueError unless it is a positive multiple of the 512-byte sector.
+    """
+    m = _SIZE.fullmatch(text.strip())
+    if not m:
+        raise ValueError(f"size {text!r} is not a number of bytes or like 64M")
+    size = int(m.group(1)) * _UNITS[m.group(2).upper()]
+    if size <= 0 or size % SECTOR:
+        raise ValueError(f"size {text} is not a positive multiple of {SECTOR} bytes")
+    return size
 
 
 @dataclass(frozen=True)
 class EndpointSpec:
-    """One endpoint device: its kind, vfio-user socket, endpoint ID and options."""
+    """One endpoint device: its kind, vfio-user socket, endpoint ID and options.
+
+    A blk endpoint's ``image`` must exist, unless ``size`` is given: then
+    :func:`create_image` creates it sparse, and an existing one must have that size.
+    """
 
     kind: str
     socket: Path
@@ -33,14 +74,70 @@ class EndpointSpec:
     image: Path | None = None
     read_only: bool = False
     serial: str = "pviommu"
+    size: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown endpoint kind {self.kind!r} (known: {', '.join(KINDS)})")
-        if self.kind == "blk" and self.image is None:
-            raise ValueError("a blk endpoint needs an image file")
-        if self.kind == "blk" and not Path(self.image).is_file():  # type: ignore[arg-type]
-            raise ValueError(f"blk image {self.image} is not a file")
+        if self.kind != "blk":
+            return
+        if self.image is None:
+            raise ValueError("a blk endpoint needs an image file (image=PATH)")
+        image = Path(self.image)
+        if image.exists() and not image.is_file():
+            raise ValueError(f"blk image {image} is not a regular file")
+        if not image.exists() and self.size is None:
+            raise ValueError(f"blk image {image} does not exist (add size=SIZE, e.g. "
+                             "size=64M, to create it)")
+
+    @classmethod
+    def parse(cls, kind: str, text: str) -> EndpointSpec:
+        """Parses ``SOCKET,endpoint=ID[,image=PATH][,size=SIZE][,ro][,serial=S]``
+        (the options after SOCKET are blk's); ValueError says what is wrong."""
+        socket, *opts = text.split(",")
+        fields: dict[str, Any] = {}
+        for opt in opts:
+            key, eq, value = opt.partition("=")
+            if key == "endpoint" and eq:
+                fields["endpoint"] = parse_endpoint_id(value)
+            elif key == "image" and eq and kind == "blk":
+                fields["image"] = Path(value)
+            elif key == "size" and eq and kind == "blk":
+                fields["size"] = parse_size(value)
+            elif key == "serial" and eq and kind == "blk":
+                fields["serial"] = value
+            elif key == "ro" and not eq and kind == "blk":
+                fields["read_only"] = True
+            else:
+                raise ValueError(f"{opt!r} is not an option of --{kind}")
+        if not socket or "endpoint" not in fields:
+            raise ValueError(f"--{kind} needs SOCKET,endpoint=ID")
+        return cls(kind, Path(socket), **fields)
+
+
+def create_image(spec: EndpointSpec) -> bool:
+    """Creates a blk endpoint's missing image, sparse, of ``spec.size`` bytes.
+
+    Returns whether it created one. An existing image is left as it is, but
+    with ``size`` given it must have that size (ValueError otherwise: the
+    caller asked for another disk than the one there). OSError if it cannot
+    be created.
+    """
+    if spec.kind != "blk" or spec.image is None or spec.size is None:
+        return False
+    try:
+        fd = os.open(spec.image, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        actual = spec.image.stat().st_size
+        if actual != spec.size:
+            raise ValueError(f"blk image {spec.image} is {actual} bytes, not size={spec.size}; "
+                             "remove size= to use it as it is") from None
+        return False
+    try:
+        os.ftruncate(fd, spec.size)
+    finally:
+        os.close(fd)
+    return True
 
 
 def make_device(spec: EndpointSpec) -> VirtioDevice:
@@ -55,14 +152,17 @@ class Endpoint:
     """A running endpoint: device, PCI function, DMA-map table, vfio-user server."""
 
     def __init__(self, spec: EndpointSpec,
-                 dma_factory: Callable[[int, GuestMemory], DmaSpace]) -> None:
+                 dma_factory: Callable[[int, GuestMemory], DmaSpace], *,
+                 max_dma_maps: int = DEFAULT_MAX_DMA_MAPS,
+                 socket_group: int | None = None) -> None:
         self.spec = spec
         self.memory = GuestMemory()
         self.dma: DmaSpace = dma_factory(spec.endpoint, self.memory)
         self.device = make_device(spec)
         self.function = VirtioPciFunction(self.device, self.dma)
         self.server = VfioUserServer(spec.socket, self.function, self.memory,
-                                     name=f"{spec.kind}@{spec.endpoint:#x}")
+                                     name=f"{spec.kind}@{spec.endpoint:#x}",
+                                     max_dma_maps=max_dma_maps, socket_group=socket_group)
 
     async def start(self) -> None:
         """Listens on the endpoint's vfio-user socket."""

@@ -6,6 +6,7 @@ import libfdt
 import pytest
 
 from pviommu import cli
+from pviommu.endpoints import create_image
 from pviommu.iommu.pv import ResvType
 
 from .test_dtb import DTS
@@ -89,3 +90,49 @@ def test_bad_blk_options_are_refused(bad, capsys):
     with pytest.raises(SystemExit):
         _parse("serve", "--viommu", "s", "--blk", bad)
     assert "--blk" in capsys.readouterr().err
+
+
+def test_a_missing_blk_image_says_how_to_create_it(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _parse("serve", "--viommu", "s", "--blk",
+               f"/b.sock,endpoint=2.0,image={tmp_path / 'none.img'}")
+    assert "does not exist (add size=SIZE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("text", "size"), [("64M", 64 << 20), ("1G", 1 << 30),
+                                            ("4096", 4096), ("16KiB", 16 << 10)])
+def test_blk_size_takes_binary_units(tmp_path, text, size):
+    [blk] = _parse("serve", "--viommu", "s", "--blk",
+                   f"/b.sock,endpoint=2.0,image={tmp_path / 'd.img'},size={text}").blk
+    assert blk.size == size
+
+
+@pytest.mark.parametrize("bad", ["0", "100", "-1M", "M", "12X", ""])
+def test_bad_blk_sizes_are_refused(tmp_path, bad, capsys):
+    with pytest.raises(SystemExit):
+        _parse("serve", "--viommu", "s", "--blk",
+               f"/b.sock,endpoint=2.0,image={tmp_path / 'd.img'},size={bad}")
+    assert "size" in capsys.readouterr().err
+
+
+def test_blk_size_creates_a_sparse_image_once(tmp_path):
+    image = tmp_path / "d.img"
+    [blk] = _parse("serve", "--viommu", "s", "--blk",
+                   f"/b.sock,endpoint=2.0,image={image},size=64M").blk
+    assert create_image(blk) is True
+    st = image.stat()
+    assert st.st_size == 64 << 20 and st.st_blocks * 512 < (1 << 20)  # sparse
+    image.write_bytes(b"data" + bytes((64 << 20) - 4))
+    assert create_image(blk) is False  # there: left alone
+    assert image.read_bytes()[:4] == b"data"
+
+
+def test_an_existing_image_of_another_size_is_an_error(tmp_path, capsys):
+    image = tmp_path / "d.img"
+    image.write_bytes(bytes(1 << 20))
+    assert cli.main(["serve", "--viommu", str(tmp_path / "v.sock"), "--blk",
+                     f"{tmp_path / 'b.sock'},endpoint=2.0,image={image},size=64M"]) == 2
+    err = capsys.readouterr().err
+    assert "is 1048576 bytes, not size=67108864" in err and "remove size=" in err
+    assert image.stat().st_size == 1 << 20
+    assert not (tmp_path / "v.sock").exists()
