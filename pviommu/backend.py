@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from .transport.vhost_user.backend import VhostUserServer
 log = logging.getLogger(__name__)
 
 EVENT_REVOKED = "IOMMU_MAPPING_REVOKED"
+EVENT_NEEDS_RESET = "DEVICE_NEEDS_RESET"
 # The largest revoked mapping whose memory is digested (hashing blocks the loop).
 REVOKED_DIGEST_MAX = 64 << 20
 
@@ -80,6 +82,18 @@ class Backend:
             if kind == "revoked":
                 self._check_revoked(data)
         self.iommu.on_event = on_event
+        self._announce_needs_reset()
+
+    def _announce_needs_reset(self) -> None:
+        """Every device that enters NEEDS_RESET sends DEVICE_NEEDS_RESET: the guest's
+        driver may never say (Linux's virtio drivers wait for the device forever)."""
+        def hook(data: dict[str, Any]) -> Callable[[int, str], None]:
+            return lambda queue, reason: self.qmp.emit(
+                EVENT_NEEDS_RESET, {**data, "queue": queue, "reason": reason})
+        self.device.on_needs_reset = hook({"kind": "iommu"})
+        for ep in self.endpoints.values():
+            ep.device.on_needs_reset = hook({"endpoint": ep.spec.endpoint,
+                                             "kind": ep.spec.kind})
 
     def _query_devices(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         check_args(args, {})

@@ -12,6 +12,7 @@ of the disk while the guest reads it, and checks what the guest and QMP saw.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +20,10 @@ from typing import Any
 
 from qemu.qmp import EventListener, QMPClient
 
-from ..backend import EVENT_REVOKED, Backend, BackendConfig
+from ..backend import EVENT_NEEDS_RESET, EVENT_REVOKED, Backend, BackendConfig
 from ..endpoints import EndpointSpec
 from ..iommu.pv import IommuConfig
-from ..machine.console import GuestFailed
+from ..machine.console import Console, GuestFailed, Marker
 from ..machine.dtb import add_pci_iommu
 from ..machine.guest_image import build_initramfs
 from ..machine.guestlog import attach_io_errors, guest_faults, guest_io_errors
@@ -144,6 +145,27 @@ async def backend_qmp(path: Path) -> tuple[QMPClient, EventListener]:
     return client, listener
 
 
+async def wait_step(console: Console, resets: EventListener, name: str, timeout: float
+                    ) -> Marker:
+    """Waits for the guest's marker ``name``, or fails at once if a device of the
+    backend announces it needs a reset (DEVICE_NEEDS_RESET on ``resets``): the
+    guest's driver would then wait for that device until ``timeout``."""
+    marker = asyncio.ensure_future(console.wait_marker(name, timeout))
+    reset = asyncio.ensure_future(resets.get())
+    try:
+        await asyncio.wait({marker, reset}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (marker, reset):
+            task.cancel()
+    if reset.done() and not reset.cancelled():
+        data = reset.result().get("data", {})
+        what = (f"{data.get('kind')} endpoint {data['endpoint']:#x}" if "endpoint" in data
+                else "the PV-IOMMU")
+        raise GuestFailed(f"{what} needs a reset (queue {data.get('queue')}: "
+                          f"{data.get('reason')}) while waiting for the guest's {name}")
+    return marker.result()
+
+
 MAPPINGS_SHOWN = 32
 
 
@@ -190,6 +212,8 @@ async def run(qemu: Path, assets: GuestAssets, workdir: Path,
     report: dict[str, Any] = {"mode": "pv"}
     async with Backend(config) as backend:
         client, listener = await backend_qmp(config.qmp_socket)  # type: ignore[arg-type]
+        resets = EventListener(EVENT_NEEDS_RESET)
+        client.register_listener(resets)
         try:
             topology = await pv_topology(qemu, assets, initrd, workdir, config.viommu_socket,
                                          append, endpoint_devices(specs))
@@ -197,21 +221,21 @@ async def run(qemu: Path, assets: GuestAssets, workdir: Path,
             async with vm:
                 assert vm.console is not None
                 booted = await vm.console.wait_marker("BOOTED", opts.boot_timeout)
-                await vm.console.wait_marker("READY", opts.step_timeout)
+                await wait_step(vm.console, resets, "READY", opts.step_timeout)
                 report["iommu"] = await iommu_state(client)
                 injected = None
                 if opts.fault is not None:
                     injected = await client.execute("inject-fault", {
                         "endpoint": blk_ep, "address": opts.fault.address,
                         "access": opts.fault.access, "reason": opts.fault.reason})
-                    await vm.console.wait_marker("FAULT_SEEN", opts.step_timeout)
+                    await wait_step(vm.console, resets, "FAULT_SEEN", opts.step_timeout)
                 armed = None
                 if opts.revoke:
                     # A disk read: the device writes guest memory (access "write").
                     armed = await client.execute("revoke-mapping", {
                         "endpoint": blk_ep, "min-size": 4096, "access": "write"})
-                    await vm.console.wait_marker("IO_RECOVERED", opts.step_timeout)
-                done = await vm.console.wait_marker("DONE", opts.step_timeout)
+                    await wait_step(vm.console, resets, "IO_RECOVERED", opts.step_timeout)
+                done = await wait_step(vm.console, resets, "DONE", opts.step_timeout)
                 exit_status = await vm.wait_exit(opts.step_timeout)
                 console = vm.console
             events = [dict(ev) for ev in listener.history]

@@ -65,6 +65,8 @@ class VirtioDevice:
         self.driver_features = 0
         self.status = 0
         self.broken_reason: str | None = None
+        self.on_needs_reset: Callable[[int, str], None] | None = None
+        """Called with the queue and the reason when the device enters NEEDS_RESET."""
         self._tasks: dict[SplitQueue, set[asyncio.Task[None]]] = {}
         self._throttled: set[int] = set()
 
@@ -260,12 +262,18 @@ class VirtioDevice:
             self.transport.notify(index)
 
     def fail(self, index: int, reason: str) -> None:
-        """Sets NEEDS_RESET: the device stops processing until it is reset."""
+        """Sets NEEDS_RESET: the device stops processing until it is reset.
+
+        ``on_needs_reset`` hears of it once per reset, when the device enters it.
+        """
         log.error("%s: queue %d: %s; device needs reset", self.name, index, reason)
+        entering = self.broken_reason is None
         self.broken_reason = reason
         self.status |= STATUS_NEEDS_RESET
         if self.transport is not None:
             self.transport.device_error(index, reason)
+        if entering and self.on_needs_reset is not None:
+            self.on_needs_reset(index, reason)
 
     def reset(self, system: bool = False) -> None:
         """Back to the initial state: no queues, no negotiated features.
