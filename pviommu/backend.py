@@ -20,6 +20,7 @@ from .iommu.pv import IommuConfig, PvIommu
 from .memory import GuestMemory, MemoryAccessError
 from .qmp.server import QmpServer
 from .qmp.viommu import ViommuCommands, check_args
+from .transport.vfio_user.server import DEFAULT_MAX_DMA_MAPS
 from .transport.vhost_user.backend import VhostUserServer
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,10 @@ class BackendConfig:
     endpoints: list[int] | None = None
     iommu: IommuConfig = field(default_factory=IommuConfig)
     devices: list[EndpointSpec] = field(default_factory=list)
+    socket_group: int | None = None
+    """A group ID whose members may connect to every socket (0660); None: owner only."""
+    max_dma_maps: int = DEFAULT_MAX_DMA_MAPS
+    """DMA maps a vfio-user client may hold at once, per endpoint."""
 
     def endpoint_ids(self) -> list[int] | None:
         """The IDs that exist behind the PV-IOMMU (None: any), the devices' included."""
@@ -69,9 +74,14 @@ class Backend:
         self.iommu = PvIommu(config.iommu, config.endpoint_ids())
         self.device = VirtioIommu(self.iommu)
         self.vhost = VhostUserServer(config.viommu_socket, self.device)
+        # VhostUserServer takes no group of its own yet: set it on its listener.
+        self.vhost._server.group = config.socket_group
         self.qmp = QmpServer(_qmp_version())
         self.commands = ViommuCommands(self.qmp, self.iommu, self.device, self._transport_stats)
-        self.endpoints = {d.endpoint: Endpoint(d, self.endpoint_dma) for d in config.devices}
+        self.endpoints = {
+            d.endpoint: Endpoint(d, self.endpoint_dma, max_dma_maps=config.max_dma_maps,
+                                 socket_group=config.socket_group)
+            for d in config.devices}
         self.qmp.register("query-endpoint-devices", self._query_devices,
                           doc="The backend's DMA endpoint devices and their counters")
         previous = self.iommu.on_event
@@ -144,12 +154,20 @@ class Backend:
         return DomainDma(self.iommu, endpoint, memory, self.report_dma_fault)
 
     async def start(self) -> None:
-        """Listens on the vhost-user socket, the endpoints' sockets and the QMP socket."""
-        await self.vhost.start()
-        for ep in self.endpoints.values():
-            await ep.start()
-        if self.config.qmp_socket is not None:
-            await self.qmp.start_unix(str(self.config.qmp_socket))
+        """Listens on the vhost-user socket, the endpoints' sockets and the QMP socket.
+
+        If one cannot be bound (SocketPathError: a live server or another file is
+        there), the ones already bound are closed and removed before it raises.
+        """
+        try:
+            await self.vhost.start()
+            for ep in self.endpoints.values():
+                await ep.start()
+            if self.config.qmp_socket is not None:
+                await self.qmp.start_unix(str(self.config.qmp_socket), self.config.socket_group)
+        except BaseException:
+            await self.close()
+            raise
         eps = self.iommu.known
         log.info("PV-IOMMU listening on %s (QMP %s); endpoints %s", self.config.viommu_socket,
                  self.config.qmp_socket or "off",

@@ -14,13 +14,13 @@ import contextlib
 import inspect
 import json
 import logging
-import os
 import re
-import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+
+from ..transport.unix_socket import UnixListener, listen_unix
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class QmpServer:
         self._sessions: set[_Session] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.Server | None = None
-        self._socket: tuple[str, int, int] | None = None
+        self._socket: UnixListener | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._decoder = json.JSONDecoder(parse_constant=_reject_constant)
         self._count = 0
@@ -147,21 +147,30 @@ class QmpServer:
             raise ValueError(f"QMP command {name!r} is already registered")
         self._commands[name] = _Command(handler, doc)
 
-    async def start_unix(self, path: str) -> None:
-        """Listen on the UNIX socket ``path``, replacing a stale socket file there."""
+    async def start_unix(self, path: str, group: int | None = None) -> None:
+        """Listen on the UNIX socket ``path`` (0600; 0660 for group ``group`` if given).
+
+        A stale socket file there is replaced; anything else (a file, a live server)
+        raises SocketPathError, an OSError naming the path.
+        """
         if self._server is not None:
             raise RuntimeError("the QMP server is already listening")
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)
-        self._loop = asyncio.get_running_loop()
-        self._server = await asyncio.start_unix_server(self._serve, path)
-        st = os.lstat(path)
-        self._socket = (path, st.st_dev, st.st_ino)
+        listener = listen_unix(path, group)
+        try:
+            self._loop = asyncio.get_running_loop()
+            self._server = await asyncio.start_unix_server(self._serve, sock=listener.sock)
+        except BaseException:
+            listener.close()
+            raise
+        self._socket = listener
         log.info("QMP server listening on %s", path)
 
     async def close(self) -> None:
-        """Stop listening, disconnect every client and remove the socket file."""
+        """Stop listening, disconnect every client and remove the socket file (only if it
+        is still the one this server bound)."""
+        listener, self._socket = self._socket, None
+        if listener is not None:
+            listener.remove()  # while the socket is open: its inode cannot be reused
         server, self._server = self._server, None
         if server is not None:
             server.close()
@@ -171,13 +180,8 @@ class QmpServer:
         await asyncio.gather(*tasks, return_exceptions=True)
         if server is not None:
             await server.wait_closed()
-        if self._socket is not None:
-            path, dev, ino = self._socket
-            self._socket = None
-            with contextlib.suppress(OSError):
-                st = os.lstat(path)
-                if (st.st_dev, st.st_ino) == (dev, ino):
-                    os.unlink(path)
+        if listener is not None:
+            listener.close()
 
     def emit(self, event: str, data: dict[str, Any] | None = None) -> None:
         """Send event ``event`` to every client that finished negotiation.

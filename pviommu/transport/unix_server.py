@@ -1,8 +1,10 @@
 """A UNIX stream socket server that serves one client at a time.
 
 A second client is refused (its connection is closed at once) while the first
-is served; when the first goes away, the next connection is accepted. Closing
-the server drops the client and removes the socket file.
+is served; when the first goes away, the next connection is accepted. The
+socket is bound with :func:`listen_unix` (owner-only, never over another
+file or a live server); closing the server drops the client and removes the
+socket file only if it is still the one this server bound.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import socket
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
+
+from .unix_socket import UnixListener, listen_unix
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +33,14 @@ class UnixServer:
     """Listens on ``path`` and runs ``serve`` for one client at a time."""
 
     def __init__(self, path: Path, serve: Serve, name: str,
-                 on_refused: Callable[[], None] | None = None) -> None:
+                 on_refused: Callable[[], None] | None = None, group: int | None = None) -> None:
         self.path = Path(path)
         self.name = name
+        self.group = group  # a group ID that may connect too (0660), or None (0600)
         self.connections = 0
         self._serve = serve
         self._on_refused = on_refused
-        self._listener: socket.socket | None = None
+        self._listener: UnixListener | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._served: asyncio.Task[None] | None = None
         self._client: socket.socket | None = None
@@ -46,18 +51,11 @@ class UnixServer:
         return self._served is not None and not self._served.done()
 
     async def start(self) -> None:
-        """Starts listening (a stale socket file is replaced)."""
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(str(self.path))
-            sock.listen(4)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
-        self._listener = sock
+        """Starts listening; a stale socket file is replaced, anything else refused
+        (SocketPathError)."""
+        if self._listener is not None:
+            raise RuntimeError(f"{self.name} is already listening on {self.path}")
+        self._listener = listen_unix(self.path, self.group)
         self._accepting = asyncio.create_task(self._accept_loop())
 
     async def _accept_loop(self) -> None:
@@ -65,7 +63,7 @@ class UnixServer:
         assert self._listener is not None
         while True:
             try:
-                conn, _ = await loop.sock_accept(self._listener)
+                conn, _ = await loop.sock_accept(self._listener.sock)
             except OSError as e:  # e.g. out of fds: keep listening
                 log.error("%s: accepting on %s failed: %s", self.name, self.path, e)
                 await asyncio.sleep(0.1)
@@ -96,13 +94,15 @@ class UnixServer:
     async def _run(self, conn: socket.socket) -> None:
         try:
             await self._serve(conn)
+        except ConnectionError as e:  # the client went at a bad moment: no traceback
+            log.warning("%s: client on %s lost: %s", self.name, self.path, e)
         except Exception:  # a bug in serve: drop that client, keep the server
             log.exception("%s: serving a client on %s failed", self.name, self.path)
         finally:
             conn.close()
 
     async def close(self) -> None:
-        """Stops listening, drops the client, removes the socket file."""
+        """Stops listening, drops the client, removes the socket file if it is ours."""
         for task in (self._accepting, self._served):
             if task is not None:
                 task.cancel()
@@ -112,5 +112,3 @@ class UnixServer:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()

@@ -32,8 +32,9 @@ from pviommu.pci.function import (
     RegionIndex,
     RegionInfo,
 )
+from pviommu.transport.unix_socket import SocketPathError
 from pviommu.transport.vfio_user import protocol as p
-from pviommu.transport.vfio_user.server import VfioUserServer
+from pviommu.transport.vfio_user.server import DEFAULT_MAX_DMA_MAPS, VfioUserServer
 from tests.fakes import vfio_user as q
 from tests.fakes.vfio_user import (
     CONFIG,
@@ -231,7 +232,7 @@ async def test_startup_as_qemu_does_it(server: VfioUserServer, qemu: FakeQemu,
                                        ram: Memfd) -> None:
     learnt = await qemu.startup(ram.fd, MEM_SIZE)
     assert learnt["caps"] == {"max_msg_fds": 16, "max_data_xfer_size": 1 << 20,
-                              "pgsizes": 4096, "max_dma_maps": 65535}
+                              "pgsizes": 4096, "max_dma_maps": DEFAULT_MAX_DMA_MAPS}
     assert learnt["info"] == (16, 3, 9, 5)  # RESET|PCI, 9 regions, 5 IRQ kinds
     regions = learnt["regions"]
     assert regions[0] == (32, 3, 0, 0, BAR0_SIZE, 0)  # READ|WRITE, never MMAP
@@ -512,6 +513,66 @@ async def test_dma_map_limits(qemu: FakeQemu, memory: GuestMemory) -> None:
     assert_error(await qemu.dma_map((1 << 64) - 0x1000, 0x2000), errno.EINVAL)
     assert_error(await qemu.dma_map(0x5000, 0x1000, flags=4), errno.EINVAL)
     assert len(memory.regions) == 2
+
+
+async def test_dma_maps_with_fds_stop_at_the_limit_with_enospc(
+        server: VfioUserServer, qemu: FakeQemu, memory: GuestMemory, ram: Memfd) -> None:
+    """Each fd-backed map keeps an fd: a client past the limit would starve the process."""
+    caps = qemu.accept_version(await qemu.version())
+    assert caps["max_dma_maps"] == DEFAULT_MAX_DMA_MAPS < 65535
+    baseline = open_fds()
+    for i in range(DEFAULT_MAX_DMA_MAPS):
+        assert (await qemu.dma_map(DEFAULT_GPA + i * 0x1000, 0x1000, ram.fd)).ok
+    assert_error(await qemu.dma_map(0x1000, 0x1000, ram.fd), errno.ENOSPC)
+    assert_error(await qemu.dma_map(0x1000, 0x1000), errno.ENOSPC)  # remote ones count too
+    assert len(memory.regions) == DEFAULT_MAX_DMA_MAPS
+    assert (await qemu.dma_unmap(0, 0, flags=p.DMA_UNMAP_FLAG_ALL)).ok
+    assert open_fds() == baseline
+
+
+async def test_the_dma_map_limit_is_a_server_parameter(
+        sock_dir: Path, function: FakeFunction, memory: GuestMemory) -> None:
+    srv = VfioUserServer(sock_dir / "few.sock", function, memory, max_dma_maps=3)
+    await srv.start()
+    try:
+        client = await FakeQemu.connect(srv.path)
+        assert client.accept_version(await client.version())["max_dma_maps"] == 3
+        for i in range(3):
+            assert (await client.dma_map(0x1000 * (i + 1), 0x1000)).ok
+        assert_error(await client.dma_map(0x10000, 0x1000), errno.ENOSPC)
+        await client.close()
+        client = await FakeQemu.connect(srv.path)  # without the capability: the limit still
+        client.accept_version(await client.version(b"{}"))
+        for i in range(3):
+            assert (await client.dma_map(0x1000 * (i + 1), 0x1000)).ok
+        assert_error(await client.dma_map(0x10000, 0x1000), errno.ENOSPC)
+        await client.close()
+    finally:
+        await srv.close()
+    with pytest.raises(ValueError):
+        VfioUserServer(sock_dir / "none.sock", function, memory, max_dma_maps=0)
+
+
+@pytest.mark.parametrize("offset, size", [
+    (1 << 63, 0x1000), ((1 << 64) - 0x1000, 0x1000), ((1 << 63) - 0x1000, 0x2000),
+    (0, 1 << 63), (0, (1 << 64) - 0x1000),
+])
+async def test_offsets_and_sizes_past_2_63_are_einval_without_a_traceback(
+        qemu: FakeQemu, memory: GuestMemory, ram: Memfd, caplog: pytest.LogCaptureFixture,
+        offset: int, size: int) -> None:
+    await qemu.version()
+    assert_error(await qemu.dma_map(0, size, ram.fd, offset=offset), errno.EINVAL)
+    assert_error(await qemu.dma_map(0, size, offset=offset), errno.EINVAL)
+    assert memory.regions == []
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+async def test_deeply_nested_version_data_is_einval_without_a_traceback(
+        qemu: FakeQemu, caplog: pytest.LogCaptureFixture) -> None:
+    assert_error(await qemu.version(b"[" * 100_000), errno.EINVAL)
+    assert_error(await qemu.version(b'{"capabilities": ' * 50_000), errno.EINVAL)
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    assert (await qemu.version()).ok
 
 
 # -- DMA through the client (maps without an fd) -----------------------------------------------
@@ -795,6 +856,25 @@ async def test_a_reset_connection_is_survived(server: VfioUserServer) -> None:
     await client.close()
 
 
+async def test_a_client_gone_before_its_replies_is_one_log_line(
+        server: VfioUserServer, caplog: pytest.LogCaptureFixture) -> None:
+    body = struct.pack("<HH", 0, 0) + QEMU_VERSION_JSON + b"\0"
+    reads = b"".join(HDR.pack(i + 1, q.REGION_READ, 32, 0, 0) + struct.pack("<QII", 0, 7, 256)
+                     for i in range(300))
+    for i in range(5):
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        raw.connect(str(server.path))
+        raw.sendall(HDR.pack(0, q.VERSION, 16 + len(body), 0, 0) + body + reads)
+        raw.close()  # everything unread: EPIPE or ECONNRESET on the server's side
+        await until(lambda n=i + 1: server.connections == n and server.connection is None)
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    lost = [r for r in caplog.records if "pipe" in r.getMessage().lower()
+            or "reset" in r.getMessage().lower()]
+    assert len(lost) <= 5, [r.getMessage() for r in lost]
+    client = await negotiated(server)
+    await client.close()
+
+
 async def test_eof_in_the_middle_of_a_message(server: VfioUserServer) -> None:
     client = await negotiated(server)
     await client.send_raw(HDR.pack(1, q.REGION_WRITE, 16 + 16 + 8, 0, 0) + bytes(10))
@@ -807,7 +887,9 @@ async def test_eof_in_the_middle_of_a_message(server: VfioUserServer) -> None:
 async def test_close_removes_the_socket_and_replaces_a_stale_one(
         sock_dir: Path, function: FakeFunction, memory: GuestMemory) -> None:
     path = sock_dir / "stale.sock"
-    path.write_text("left over")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()
     srv = VfioUserServer(path, function, memory)
     await srv.start()
     client = await negotiated(srv)
@@ -816,6 +898,33 @@ async def test_close_removes_the_socket_and_replaces_a_stale_one(
     assert await client.closed()
     await client.close()
     assert function.disconnects == 1
+
+
+async def test_a_file_or_a_live_server_at_the_path_is_never_taken_over(
+        server: VfioUserServer, sock_dir: Path, function: FakeFunction,
+        memory: GuestMemory) -> None:
+    path = sock_dir / "file"
+    path.write_text("the user's")
+    with pytest.raises(SocketPathError, match="exists and is not a socket"):
+        await VfioUserServer(path, function, memory).start()
+    assert path.read_text() == "the user's"
+    second = VfioUserServer(server.path, function, memory)
+    with pytest.raises(SocketPathError, match="already listening there"):
+        await second.start()
+    await second.close()  # never started: must not remove the live server's socket
+    client = await negotiated(server)
+    await client.close()
+
+
+async def test_close_leaves_a_socket_file_it_did_not_create(
+        sock_dir: Path, function: FakeFunction, memory: GuestMemory) -> None:
+    path = sock_dir / "ep.sock"
+    srv = VfioUserServer(path, function, memory)
+    await srv.start()
+    path.unlink()
+    path.write_text("someone else's")
+    await srv.close()
+    assert path.read_text() == "someone else's"
 
 
 # -- malformed input ---------------------------------------------------------------------------

@@ -51,6 +51,17 @@ log = logging.getLogger(__name__)
 DMA_TIMEOUT = 10.0
 """Seconds a DMA_READ/DMA_WRITE request waits for the client's reply."""
 
+DEFAULT_MAX_DMA_MAPS = 64
+"""DMA maps one client may hold at once (VERSION's max_dma_maps; DMA_MAP past it: ENOSPC).
+
+Each map with an fd keeps an fd and a mapping in this process, so the spec's
+65535 would let one client exhaust the fds every other socket needs. QEMU
+maps each RAM section of the guest once (a handful on Arm ``virt``) and only
+checks the value against its memslots when virtio-mem is in use.
+"""
+
+_OFF_T_LIMIT = 1 << 63  # mmap offsets and sizes are signed 64-bit (off_t, ssize_t)
+
 _TAKES_FDS = {C.DMA_MAP, C.DEVICE_SET_IRQS}
 _NEVER_ANSWERED = {C.REGION_WRITE_MULTI}  # QEMU sends it NO_REPLY and expects nothing
 _BARS = range(RegionIndex.BAR0, RegionIndex.ROM + 1)
@@ -92,6 +103,8 @@ def _client_capabilities(raw: bytes) -> dict[str, Any]:
         doc = json.loads(text.decode())
     except (UnicodeDecodeError, ValueError) as e:
         raise Refused(errno.EINVAL, f"version data is not JSON: {e}") from e
+    except RecursionError:
+        raise Refused(errno.EINVAL, "version data is nested too deep") from None
     caps = doc.get("capabilities", {}) if isinstance(doc, dict) else None
     if not isinstance(caps, dict):
         raise Refused(errno.EINVAL, "version data is not a JSON object with an object "
@@ -180,7 +193,10 @@ class VfioUserConnection:
     """One client: reads its commands in order, answers them, and carries server requests."""
 
     def __init__(self, function: PciFunction, memory: GuestMemory, sock: socket.socket,
-                 stats: Counter[str], name: str = "vfio-user") -> None:
+                 stats: Counter[str], name: str = "vfio-user",
+                 max_dma_maps: int = DEFAULT_MAX_DMA_MAPS) -> None:
+        if not 1 <= max_dma_maps <= p.MAX_DMA_MAPS:
+            raise ValueError(f"max_dma_maps {max_dma_maps} is not in 1..{p.MAX_DMA_MAPS}")
         self.function = function
         self.memory = memory
         self.sock = sock
@@ -188,7 +204,8 @@ class VfioUserConnection:
         self.name = name
         self.negotiated = False
         self.max_data_xfer = p.MAX_DATA_XFER
-        self.max_dma_maps = p.MAX_DMA_MAPS
+        self.dma_map_limit = max_dma_maps  # ours; max_dma_maps is what VERSION agreed
+        self.max_dma_maps = max_dma_maps
         self.dma_timeout = DMA_TIMEOUT
         self.remote = RemoteDma(self)
         self._regions = {r.index: r for r in function.regions()}
@@ -247,8 +264,9 @@ class VfioUserConnection:
             if out is not None:
                 try:
                     await self._send(out)
-                except ConnectionError as e:
-                    log.warning("%s: cannot answer %s: %s", self.name, msg.name, e)
+                except ConnectionError as e:  # the client left before its reply
+                    log.info("%s: client gone before the reply to %s (id %d): %s", self.name,
+                             msg.name, msg.id, e)
                     return
 
     async def _teardown(self) -> None:
@@ -296,8 +314,8 @@ class VfioUserConnection:
                 if not fut.done():
                     fut.set_exception(ConnectionError("the connection closed"))
                 raise
-            except OSError as e:
-                log.warning("%s: sending to the client failed: %s", self.name, e)
+            except OSError as e:  # whoever waits on fut logs it, once
+                log.debug("%s: sending to the client failed: %s", self.name, e)
                 failed = ConnectionError(f"sending failed: {e}")
                 if not fut.done():
                     fut.set_exception(failed)
@@ -414,9 +432,9 @@ class VfioUserConnection:
                 raise Refused(errno.EINVAL, f"no page size of 4 KiB or more in "
                                             f"{offered['pgsizes']:#x}")
         if "max_dma_maps" in offered:
-            caps["max_dma_maps"] = min(p.MAX_DMA_MAPS, offered["max_dma_maps"])
+            caps["max_dma_maps"] = min(self.dma_map_limit, offered["max_dma_maps"])
         self.max_data_xfer = caps.get("max_data_xfer_size", p.MAX_DATA_XFER)
-        self.max_dma_maps = caps.get("max_dma_maps", p.MAX_DMA_MAPS)
+        self.max_dma_maps = caps.get("max_dma_maps", self.dma_map_limit)
         # QEMU's reply buffer is its request: the reply must not be longer (T1).
         head = p.VERSION.pack(p.MAJOR, p.MINOR)
         reply = head
@@ -436,6 +454,9 @@ class VfioUserConnection:
             raise Refused(errno.EINVAL, f"unknown DMA_MAP flags {flags:#x}")
         if size == 0 or iova + size > 1 << 64:
             raise Refused(errno.EINVAL, f"DMA map {iova:#x}+{size:#x} is empty or wraps")
+        if offset + size >= _OFF_T_LIMIT:
+            raise Refused(errno.EINVAL, f"DMA map {iova:#x}+{size:#x} at file offset "
+                                        f"{offset:#x} goes past 2^63")
         if len(msg.fds) > 1:
             raise Refused(errno.EINVAL, f"{len(msg.fds)} file descriptors for one DMA map")
         for r in self.memory.regions:
@@ -443,7 +464,8 @@ class VfioUserConnection:
                 raise Refused(errno.EEXIST, f"DMA map {iova:#x}+{size:#x} overlaps the map "
                                             f"{r.gpa:#x}+{r.size:#x}")
         if len(self.memory.regions) >= self.max_dma_maps:
-            raise Refused(errno.ENOSPC, f"already {self.max_dma_maps} DMA maps")
+            # The spec names no errno for this; ENOSPC as Linux's VFIO type1 does.
+            raise Refused(errno.ENOSPC, f"already {self.max_dma_maps} DMA maps (the limit)")
         fd = msg.fds.pop() if msg.fds else None
         spec = RegionSpec(gpa=iova, size=size, uaddr=0, mmap_offset=offset)
         self.memory.add_region(spec, fd, writable=bool(flags & p.DMA_FLAG_WRITE))
@@ -607,14 +629,19 @@ class VfioUserServer:
     """
 
     def __init__(self, path: Path, function: PciFunction, memory: GuestMemory,
-                 name: str = "vfio-user") -> None:
+                 name: str = "vfio-user", *, max_dma_maps: int = DEFAULT_MAX_DMA_MAPS,
+                 socket_group: int | None = None) -> None:
+        if not 1 <= max_dma_maps <= p.MAX_DMA_MAPS:
+            raise ValueError(f"max_dma_maps {max_dma_maps} is not in 1..{p.MAX_DMA_MAPS}")
         self.path = Path(path)
         self.function = function
         self.memory = memory
         self.name = name
+        self.max_dma_maps = max_dma_maps
         self.stats: Counter[str] = Counter()
         self.connection: VfioUserConnection | None = None
-        self._server = UnixServer(self.path, self._serve, name, on_refused=self._refused)
+        self._server = UnixServer(self.path, self._serve, name, on_refused=self._refused,
+                                  group=socket_group)
 
     @property
     def connections(self) -> int:
@@ -622,18 +649,19 @@ class VfioUserServer:
         return self._server.connections
 
     async def start(self) -> None:
-        """Starts listening (a stale socket file is replaced)."""
+        """Starts listening (a stale socket file is replaced, anything else refused)."""
         await self._server.start()
 
     async def close(self) -> None:
-        """Stops listening, drops the client, removes the socket file."""
+        """Stops listening, drops the client, removes the socket file if it is ours."""
         await self._server.close()
 
     def _refused(self) -> None:
         self.stats["refused_clients"] += 1
 
     async def _serve(self, sock: socket.socket) -> None:
-        conn = VfioUserConnection(self.function, self.memory, sock, self.stats, self.name)
+        conn = VfioUserConnection(self.function, self.memory, sock, self.stats, self.name,
+                                  self.max_dma_maps)
         self.connection = conn
         try:
             await conn.serve()
