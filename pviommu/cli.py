@@ -21,6 +21,13 @@ from .endpoints import EndpointSpec, create_image, parse_endpoint_id
 from .iommu.pv import IommuConfig, ResvRegion, ResvType
 from .machine.console import GuestFailed, GuestTimeout
 from .machine.dtb import DtbError, add_pci_iommu
+from .machine.guest_image import (
+    DEFAULT_MODULES,
+    ExtraFile,
+    GuestImageError,
+    build_guest_image,
+)
+from .machine.modules import ModuleError
 from .machine.qemu import QemuError
 from .machine.topology import pci_name
 from .report import format_report
@@ -234,6 +241,32 @@ async def _serve(config: BackendConfig) -> None:
             await backend.serve_forever()
 
 
+def _extra_file(text: str) -> ExtraFile:
+    try:
+        return ExtraFile.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def cmd_guest_image(args: argparse.Namespace) -> int:
+    modules = ([] if args.no_default_modules else list(DEFAULT_MODULES)) + args.module
+    assets = provision.fetch_guest(args.kernel, args.modules)
+    try:
+        loaded = build_guest_image(args.output, busybox=assets.busybox,
+                                   modules_dir=assets.modules, modules=modules,
+                                   files=args.file, init=args.init)
+    except (ModuleError, GuestImageError) as exc:
+        print(f"pviommu: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"pviommu: error: {args.output}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(f"{args.output}: loads {', '.join(m.name for m in loaded) or 'no module'}, then "
+          + (f"runs {args.init}" if args.init else "a shell on the console"))
+    print(f"kernel:  {assets.kernel}")
+    return 0
+
+
 def cmd_patch_dtb(args: argparse.Namespace) -> int:
     try:
         data = args.input.read_bytes()
@@ -323,6 +356,23 @@ def build_parser() -> argparse.ArgumentParser:
                                      "past it DMA_MAP fails with ENOSPC (default %(default)s)")
     _add_iommu_options(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("guest-image", help="write a guest initramfs for your own QEMU command "
+                                           "line: modules, your files, a shell or your init")
+    p.add_argument("output", type=Path, help="the initramfs to write (gzip-compressed cpio)")
+    p.add_argument("--module", action="append", default=[], metavar="NAME",
+                   help="a kernel module to load besides " + ", ".join(DEFAULT_MODULES)
+                        + " (with its dependencies; repeatable)")
+    p.add_argument("--no-default-modules", action="store_true",
+                   help="do not load " + ", ".join(DEFAULT_MODULES) + " (only --module ones)")
+    p.add_argument("--file", type=_extra_file, action="append", default=[],
+                   metavar="SRC[:DEST]", help="copy a file or directory into the image "
+                   "(default DEST /root/NAME; repeatable)")
+    p.add_argument("--init", type=Path, metavar="SCRIPT",
+                   help="a shell script to run once the modules are loaded, instead of a "
+                        "shell; the guest powers off when it ends")
+    _add_guest_options(p)
+    p.set_defaults(func=cmd_guest_image)
 
     p = sub.add_parser("patch-dtb", help="add the PV-IOMMU's iommu-map to a DTB QEMU dumped")
     p.add_argument("input", type=Path, help="the DTB from -machine virt,dumpdtb=FILE")

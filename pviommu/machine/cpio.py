@@ -16,20 +16,32 @@ def _pad4(n: int) -> bytes:
 class CpioWriter:
     """Writes newc cpio entries to a binary stream.
 
-    Parent directories are not created implicitly: add them first, the kernel
-    does not create them while unpacking.
+    Parent directories are not created implicitly: add them first (or with
+    :meth:`add_parents`), the kernel does not create them while unpacking. A
+    name may appear once: the kernel would let a later entry replace an
+    earlier one, which hides mistakes.
     """
 
     def __init__(self, out: BinaryIO) -> None:
         self._out = out
         self._ino = 1
         self._closed = False
+        self._names: set[str] = set()
+
+    def __contains__(self, path: str) -> bool:
+        """Whether ``path`` is already in the archive."""
+        return path.strip("/") in self._names
 
     def _entry(self, name: str, mode: int, data: bytes = b"", *, nlink: int = 1,
                rdev: tuple[int, int] = (0, 0), mtime: int = 0) -> None:
         if self._closed:
             raise ValueError("cpio archive already closed")
-        encoded = name.lstrip("/").encode() + b"\0"
+        if name != _TRAILER:
+            name = name.strip("/")
+            if not name or name in self._names:
+                raise ValueError(f"cpio entry {name!r} is empty or already in the archive")
+            self._names.add(name)
+        encoded = name.encode() + b"\0"
         fields = (
             self._ino, mode, 0, 0, nlink, mtime, len(data),
             0, 0, rdev[0], rdev[1], len(encoded), 0,
@@ -42,6 +54,14 @@ class CpioWriter:
     def add_dir(self, path: str, perm: int = 0o755) -> None:
         """Adds a directory."""
         self._entry(path, stat.S_IFDIR | perm, nlink=2)
+
+    def add_parents(self, path: str) -> None:
+        """Adds every parent directory of ``path`` not in the archive yet."""
+        parts = path.strip("/").split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            parent = "/".join(parts[:i])
+            if parent not in self._names:
+                self.add_dir(parent)
 
     def add_file(self, path: str, data: bytes, perm: int = 0o644) -> None:
         """Adds a regular file with the given contents."""
