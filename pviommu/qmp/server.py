@@ -9,18 +9,18 @@ events only for clients that finished negotiation. Out-of-band execution is not 
 from __future__ import annotations
 
 import asyncio
-import codecs
 import contextlib
 import inspect
 import json
 import logging
-import re
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ..transport.unix_socket import UnixListener, listen_unix
+from .streamer import Invalid, JsonStreamer, TooLarge, Value
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +28,11 @@ Handler = Callable[[dict[str, Any]], Awaitable[Any] | Any]
 """A command handler: gets the request's ``arguments`` and returns the ``return`` value."""
 
 MAX_REQUEST_SIZE = 1 << 20
-"""Default cap, in characters, on one request that is still being received."""
+"""Default cap, in bytes, on one request."""
 
 _MAX_WRITE_BUFFER = 4 << 20
 _READ_CHUNK = 64 << 10
 _NEGOTIATION_DESC = "Expecting capabilities negotiation with 'qmp_capabilities'"
-_JSON_WS = " \t\r\n"
-# Where a bad request ends: a newline, any other ASCII control character except tab and
-# CR (QEMU's documented way to resync its parser), or undecodable UTF-8.
-_RESYNC = re.compile("[\x00-\x08\x0a-\x0c\x0e-\x1f\ufffd]")
 
 
 class QmpError(Exception):
@@ -67,18 +63,34 @@ def _error(error_class: str, desc: str) -> dict[str, Any]:
     return {"error": {"class": error_class, "desc": desc}}
 
 
-def _parse_error(exc: Exception) -> dict[str, Any]:
-    if isinstance(exc, json.JSONDecodeError):
-        reason = exc.msg
-    elif isinstance(exc, RecursionError):
-        reason = "nesting too deep"
-    else:
-        reason = str(exc)
+def _parse_error(reason: str) -> dict[str, Any]:
     return _error("GenericError", f"JSON parse error, {reason[:1].lower()}{reason[1:]}")
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"invalid token '{name}'")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: json.dumps could not echo it
+        raise ValueError(f"number '{text[:32]}' is out of range")
+    return value
+
+
+def _decode(data: bytes) -> Any:
+    """The JSON value ``data`` holds; ValueError with the reason if it holds none."""
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=_reject_constant,
+                          parse_float=_finite_float)
+    except UnicodeDecodeError:
+        raise ValueError("invalid UTF-8 sequence") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(exc.msg) from None
+    except ValueError as exc:  # from _reject_constant, _finite_float, int's digit limit
+        raise ValueError(str(exc)) from None
+    except RecursionError:
+        raise ValueError("nesting too deep") from None
 
 
 def _encode(message: dict[str, Any]) -> bytes:
@@ -107,7 +119,7 @@ class QmpServer:
     ``version`` is the greeting's ``QMP.version`` (and what ``query-version`` returns),
     shaped like QEMU's: ``{"qemu": {"major": 9, "minor": 2, "micro": 0}, "package": ""}``.
     Built-in commands: ``qmp_capabilities``, ``query-commands`` and ``query-version``.
-    Requests longer than ``max_request_size`` characters get an error and the client is
+    Requests longer than ``max_request_size`` bytes get an error and the client is
     dropped.
     """
 
@@ -122,7 +134,6 @@ class QmpServer:
         self._server: asyncio.Server | None = None
         self._socket: UnixListener | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._decoder = json.JSONDecoder(parse_constant=_reject_constant)
         self._count = 0
         self.register("query-commands", self._query_commands, doc="List the commands.")
         self.register("query-version", lambda _: self.version, doc="The server's version.")
@@ -256,33 +267,25 @@ class QmpServer:
             log.debug("%s disconnected", session.name)
 
     async def _read_requests(self, session: _Session, reader: asyncio.StreamReader) -> None:
-        text = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        buffer = ""
+        stream = JsonStreamer(self.max_request_size)
         while chunk := await reader.read(_READ_CHUNK):
-            buffer = await self._process(session, buffer + text.decode(chunk))
-            if len(buffer) > self.max_request_size:
-                log.warning("%s sent a request over %d characters; dropping it",
-                            session.name, self.max_request_size)
-                await self._send(session, _error(
-                    "GenericError", f"QMP request exceeds {self.max_request_size} characters"))
-                return
-
-    async def _process(self, session: _Session, buffer: str) -> str:
-        """Answer every complete request in ``buffer``; return the incomplete rest."""
-        while buffer := buffer.lstrip(_JSON_WS):
-            try:
-                request, end = self._decoder.raw_decode(buffer)
-            except (ValueError, RecursionError) as exc:
-                # Truncated JSON fails too; only an error followed by a delimiter is final.
-                resync = _RESYNC.search(buffer, getattr(exc, "pos", 0))
-                if resync is None:
-                    return buffer
-                buffer = buffer[resync.end():]
-                await self._send(session, _parse_error(exc))
-                continue
-            buffer = buffer[end:]
-            await self._handle(session, request)
-        return buffer
+            for item in stream.feed(chunk):
+                if isinstance(item, TooLarge):
+                    log.warning("%s sent a request over %d bytes; dropping it",
+                                session.name, item.limit)
+                    await self._send(session, _error(
+                        "GenericError", f"QMP request exceeds {item.limit} bytes"))
+                    return
+                if isinstance(item, Invalid):
+                    await self._send(session, _parse_error(item.reason))
+                    continue
+                assert isinstance(item, Value)
+                try:
+                    request = _decode(item.data)
+                except ValueError as exc:
+                    await self._send(session, _parse_error(str(exc)))
+                    continue
+                await self._handle(session, request)
 
     async def _handle(self, session: _Session, request: Any) -> None:
         if not isinstance(request, dict):
@@ -303,12 +306,12 @@ class QmpServer:
             response["id"] = request["id"]
         try:
             line = _encode(response)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             log.error("%s: the result of %s is not JSON: %s", session.name, name, exc)
             response = _error("GenericError", f"Command {name} returned a non-JSON value")
             if "id" in request:
                 response["id"] = request["id"]
-            line = _encode(response)
+            line = _encode(response)  # the id came from JSON _decode accepted: it encodes
         self._write(session, line)
         # Only now: an event written before this reply would break the client's handshake.
         session.negotiated = session.negotiated or negotiated_now

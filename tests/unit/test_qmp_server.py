@@ -285,13 +285,48 @@ async def test_oversized_request(sock: Path) -> None:
         await small.negotiate()
         await big.send(b'{"execute": "add", "arguments": {"s": "' + b"x" * 2000)
         assert await big.line() == {"error": {
-            "class": "GenericError", "desc": "QMP request exceeds 1024 characters"}}
+            "class": "GenericError", "desc": "QMP request exceeds 1024 bytes"}}
         assert await asyncio.wait_for(big.reader.read(), TIMEOUT) == b""
         assert await small.ask(b'{"execute": "add", "arguments": {"a": 1, "b": 2}}') == {
             "return": 3}
         small.writer.close()
     finally:
         await server.close()
+
+
+async def test_an_incomplete_request_does_not_swallow_the_next(
+    server: QmpServer, sock: Path
+) -> None:
+    raw = await Raw.connect(sock)
+    await raw.negotiate()
+    await raw.send(b"{\n")
+    await asyncio.sleep(0.01)
+    assert await raw.ask(b'{"execute": "add", "arguments": {"a": 1, "b": 2}, "id": 7}\n') == {
+        "error": {"class": "GenericError",
+                  "desc": "JSON parse error, expecting property name enclosed in double quotes"}}
+    assert await raw.line() == {"return": 3, "id": 7}
+    raw.writer.close()
+
+
+async def test_ids_that_cannot_be_echoed(server: QmpServer, sock: Path) -> None:
+    raw = await Raw.connect(sock)
+    await raw.negotiate()
+    for bad_id, reason in [(b"1e999", "number '1e999' is out of range"),
+                           (b"-1e999", "number '-1e999' is out of range"),
+                           (b"[" * 1000 + b"]" * 1000, "nesting deeper than 128 levels"),
+                           (b"1" * 5000, "exceeds the limit (4300 digits) for integer string "
+                                         "conversion: value has 5000 digits; use "
+                                         "sys.set_int_max_str_digits() to increase the limit")]:
+        assert await raw.ask(b'{"execute": "nothing", "id": ' + bad_id + b"}\n") == {
+            "error": {"class": "GenericError", "desc": "JSON parse error, " + reason}}
+    deepest: list[Any] = []
+    for _ in range(126):  # with the request's braces: 128 levels
+        deepest = [deepest]
+    assert await raw.ask(b'{"execute": "nothing", "id": ' + json.dumps(deepest).encode()
+                         + b"}") == {"return": {}, "id": deepest}
+    assert await raw.ask(b'{"execute": "nothing", "id": -1.5e300}') == {
+        "return": {}, "id": -1.5e300}
+    raw.writer.close()
 
 
 async def test_dead_and_slow_clients(

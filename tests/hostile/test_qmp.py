@@ -1,0 +1,157 @@
+"""Hostile QMP clients against a real backend: each attack gets an answer or a clean
+disconnect, never a traceback, and the other sockets keep serving."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from pviommu.transport.vhost_user.protocol import Request as R
+from tests.fakes.served import ServedBackend
+from tests.fakes.vfio_user import FakeQemu
+from tests.fakes.vhost_user import FakeFrontend
+
+TIMEOUT = 5.0
+
+
+class Raw:
+    """A QMP client on a bare socket, to send exactly the bytes a test wants."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, path: Path, negotiate: bool = True) -> Raw:
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        raw = cls(reader, writer)
+        if negotiate:
+            assert "QMP" in await raw.line()
+            assert await raw.ask(b'{"execute": "qmp_capabilities"}\n') == {"return": {}}
+        return raw
+
+    async def line(self) -> dict[str, Any]:
+        raw = await asyncio.wait_for(self.reader.readline(), TIMEOUT)
+        assert raw.endswith(b"\r\n"), raw
+        return json.loads(raw)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def ask(self, data: bytes) -> dict[str, Any]:
+        await self.send(data)
+        return await self.line()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@contextlib.asynccontextmanager
+async def raws(path: Path, count: int, negotiate: bool = True) -> AsyncIterator[list[Raw]]:
+    clients: list[Raw] = []
+    try:
+        for _ in range(count):
+            clients.append(await Raw.connect(path, negotiate))
+        yield clients
+    finally:
+        for client in clients:
+            client.close()
+
+
+def assert_no_traceback(served: ServedBackend) -> None:
+    text = served.log_text()
+    assert "Traceback" not in text, text
+
+
+async def test_an_incomplete_request_does_not_swallow_the_next(tmp_path: Path) -> None:
+    async with ServedBackend.start(tmp_path) as served:
+        baseline = served.resources()
+        async with raws(served.qmp, 1) as (raw,):
+            await raw.send(b"{\n")
+            await asyncio.sleep(0.05)
+            await raw.send(b'{"execute": "query-version", "id": "v"}\n')
+            error = await raw.line()
+            assert error["error"]["class"] == "GenericError"
+            assert error["error"]["desc"].startswith("JSON parse error"), error
+            answer = await raw.line()
+            assert answer["id"] == "v" and "qemu" in answer["return"]
+            # The same with no newline at all, and after a value that expected a comma.
+            assert (await raw.ask(b'{"execute": "x"{"execute": "query-version", "id": 2}'))[
+                "error"]["class"] == "GenericError"
+            assert (await raw.line())["id"] == 2
+        await served.assert_serving()
+        await served.assert_back_to(baseline)
+        assert_no_traceback(served)
+
+
+async def test_ids_that_cannot_be_echoed_get_an_error(tmp_path: Path) -> None:
+    deep = b"[" * 1000 + b"]" * 1000
+    async with ServedBackend.start(tmp_path) as served:
+        baseline = served.resources()
+        async with raws(served.qmp, 1) as (raw,):
+            for bad_id in (b"1e999", b"-1e999", deep):
+                answer = await raw.ask(b'{"execute": "query-version", "id": ' + bad_id + b"}\n")
+                assert answer["error"]["class"] == "GenericError", answer
+                assert "id" not in answer
+            assert (await raw.ask(b'{"execute": "query-version", "id": 1e300}\n'))["id"] == 1e300
+        await served.assert_serving()
+        await served.assert_back_to(baseline)
+        assert_no_traceback(served)
+
+
+async def _round_trips(served: ServedBackend, seconds: float) -> list[float]:
+    """QMP, vhost-user and vfio-user round trips, repeated for ``seconds``."""
+    times: list[float] = []
+    qmp = await Raw.connect(served.qmp)
+    fe = await FakeFrontend.connect(served.viommu)
+    try:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            start = time.monotonic()
+            assert "return" in await qmp.ask(b'{"execute": "query-viommu-stats"}\n')
+            await asyncio.wait_for(fe.call(R.GET_FEATURES), TIMEOUT)
+            qemu = await FakeQemu.connect(served.rng)
+            try:
+                qemu.accept_version(await qemu.version())
+            finally:
+                await qemu.close()
+            times.append(time.monotonic() - start)
+            await asyncio.sleep(0.02)
+    finally:
+        fe.close()
+        qmp.close()
+    return times
+
+
+async def test_slow_drip_clients_do_not_slow_the_backend(tmp_path: Path) -> None:
+    async with ServedBackend.start(tmp_path) as served:
+        baseline = served.resources()
+        async with raws(served.qmp, 10) as drips:
+            for raw in drips:  # dense JSON: costly to parse again
+                await raw.send(b'{"execute": "query-version", "arguments": {"n": ['
+                               + b"1," * (256 << 10))
+
+            async def drip() -> None:
+                while True:
+                    for raw in drips:
+                        raw.writer.write(b"1,")
+                    await asyncio.sleep(0.01)
+
+            dripping = asyncio.create_task(drip())
+            try:
+                await asyncio.sleep(0.2)
+                times = await _round_trips(served, 1.0)
+            finally:
+                dripping.cancel()
+            assert max(times) < 0.25, f"round trips {min(times):.3f}..{max(times):.3f} s"
+            for raw in drips:  # the dripped requests still complete
+                assert "return" in await raw.ask(b'1]}}\n')
+        await served.assert_serving()
+        await served.assert_back_to(baseline)
+        assert_no_traceback(served)
