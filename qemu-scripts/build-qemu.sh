@@ -9,6 +9,7 @@ source "$(dirname "$0")/common.sh"
 VERSIONS=(${PVIOMMU_QEMU_VERSIONS:-1:10.2.2+ds-1})
 JOBS="${PVIOMMU_JOBS:-$(nproc)}"
 MESON_VERSION=1.9.0
+cache_lock qemu
 
 for full in "${VERSIONS[@]}"; do
     upstream=${full#*:}; upstream=${upstream%%+*}; upstream=${upstream%%-*}

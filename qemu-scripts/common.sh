@@ -10,6 +10,17 @@ mkdir -p "$PVIOMMU_CACHE"
 step() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'pviommu: error: %s\n' "$*" >&2; exit 1; }
 
+# cache_lock NAME: holds an exclusive lock on the cache's NAME until the script
+# exits, so that two provisioning runs (two terminals, a test run beside a setup)
+# never build or unpack into the same directory at once; the second one waits.
+cache_lock() {
+    exec 9>"$PVIOMMU_CACHE/.$1.lock"
+    if ! flock -n 9; then
+        step "another pviommu is provisioning $1; waiting for it"
+        flock 9
+    fi
+}
+
 # Run a command as root: directly when we are root, through sudo otherwise.
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"

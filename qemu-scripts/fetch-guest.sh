@@ -13,6 +13,7 @@ source "$(dirname "$0")/common.sh"
 
 busybox_only=false
 [ "${1:-}" = "--busybox-only" ] && busybox_only=true
+cache_lock guest
 
 guest="$PVIOMMU_CACHE/guest"
 meta=linux-image-cloud-arm64

@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -81,3 +82,21 @@ def test_build_script_tries_each_version_and_names_the_fix(tmp_path):
     assert out.stdout == ""
     assert out.stderr.count("is not downloadable, trying the next version") == 2
     assert "set PVIOMMU_QEMU_VERSIONS to one the archive has, or PVIOMMU_QEMU" in out.stderr
+
+
+def test_two_provisioning_runs_take_turns(tmp_path):
+    """A second run waits for the first instead of building into the same directory."""
+    common = repo_path("qemu-scripts", "common.sh")
+    script = f'source "{common}"; cache_lock qemu; echo start >> "$OUT"; sleep 0.5; ' \
+             'echo end >> "$OUT"'
+    env = dict(os.environ, PVIOMMU_CACHE=str(tmp_path), OUT=str(tmp_path / "out"))
+    first = subprocess.Popen(["bash", "-c", script], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        while not (tmp_path / "out").exists():
+            time.sleep(0.01)
+        second = subprocess.run(["bash", "-c", script], env=env, capture_output=True,
+                                text=True, timeout=10)
+    finally:
+        first.wait(10)
+    assert (tmp_path / "out").read_text().split() == ["start", "end", "start", "end"]
+    assert "another pviommu is provisioning qemu; waiting for it" in second.stderr
