@@ -18,6 +18,7 @@ from .endpoints import Endpoint, EndpointSpec
 from .iommu.dma_space import DomainDma
 from .iommu.pv import IommuConfig, PvIommu
 from .memory import GuestMemory, MemoryAccessError
+from .qmp.server import MAX_CLIENTS as QMP_MAX_CLIENTS
 from .qmp.server import QmpServer
 from .qmp.viommu import ViommuCommands, check_args
 from .transport.vfio_user.server import DEFAULT_MAX_DMA_MAPS
@@ -44,6 +45,8 @@ class BackendConfig:
     """A group ID whose members may connect to every socket (0660); None: owner only."""
     max_dma_maps: int = DEFAULT_MAX_DMA_MAPS
     """DMA maps a vfio-user client may hold at once, per endpoint."""
+    qmp_max_clients: int = QMP_MAX_CLIENTS
+    """QMP clients connected at once; one more is refused."""
 
     def endpoint_ids(self) -> list[int] | None:
         """The IDs that exist behind the PV-IOMMU (None: any), the devices' included."""
@@ -76,7 +79,7 @@ class Backend:
         self.vhost = VhostUserServer(config.viommu_socket, self.device)
         # VhostUserServer takes no group of its own yet: set it on its listener.
         self.vhost._server.group = config.socket_group
-        self.qmp = QmpServer(_qmp_version())
+        self.qmp = QmpServer(_qmp_version(), max_clients=config.qmp_max_clients)
         self.commands = ViommuCommands(self.qmp, self.iommu, self.device, self._transport_stats)
         self.endpoints = {
             d.endpoint: Endpoint(d, self.endpoint_dma, max_dma_maps=config.max_dma_maps,

@@ -30,6 +30,7 @@ from .machine.guest_image import (
 from .machine.modules import ModuleError
 from .machine.qemu import QemuError
 from .machine.topology import pci_name
+from .qmp.server import MAX_CLIENTS as QMP_MAX_CLIENTS
 from .report import format_report
 from .scenarios import bench, dma, pv
 from .transport.unix_socket import SocketPathError, resolve_group
@@ -149,6 +150,16 @@ def _max_dma_maps(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 1 <= value <= MAX_DMA_MAPS:
         raise argparse.ArgumentTypeError(f"{value} is not in 1..{MAX_DMA_MAPS}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
     return value
 
 
@@ -303,7 +314,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = BackendConfig(viommu_socket=args.viommu, qmp_socket=args.qmp,
                            endpoints=args.endpoint or None, iommu=iommu_config(args),
                            devices=devices, socket_group=group,
-                           max_dma_maps=args.max_dma_maps)
+                           max_dma_maps=args.max_dma_maps,
+                           qmp_max_clients=args.qmp_max_clients)
     try:
         asyncio.run(_serve(config))
     except OSError as exc:
@@ -335,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--viommu", type=Path, required=True, metavar="PATH",
                    help="vhost-user socket for QEMU's vhost-user-test-device-pci")
     p.add_argument("--qmp", type=Path, metavar="PATH", help="QMP socket of the backend")
+    p.add_argument("--qmp-max-clients", type=_positive, default=QMP_MAX_CLIENTS, metavar="N",
+                   help="QMP clients connected at once; one more is refused with an error "
+                        "(default %(default)s)")
     p.add_argument("--endpoint", type=_endpoint_id, action="append", metavar="ID",
                    help="endpoint ID (PCI RID, e.g. 0x10 or 00:02.0) of a device behind the "
                         "IOMMU; repeatable. ATTACH of any other ID fails with NOENT. "

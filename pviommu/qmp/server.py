@@ -30,6 +30,10 @@ Handler = Callable[[dict[str, Any]], Awaitable[Any] | Any]
 MAX_REQUEST_SIZE = 1 << 20
 """Default cap, in bytes, on one request."""
 
+MAX_CLIENTS = 16
+"""Default cap on connected QMP clients: each holds a file descriptor, and those are
+shared with the device sockets."""
+
 _MAX_WRITE_BUFFER = 4 << 20
 _READ_CHUNK = 64 << 10
 _NEGOTIATION_DESC = "Expecting capabilities negotiation with 'qmp_capabilities'"
@@ -120,14 +124,19 @@ class QmpServer:
     shaped like QEMU's: ``{"qemu": {"major": 9, "minor": 2, "micro": 0}, "package": ""}``.
     Built-in commands: ``qmp_capabilities``, ``query-commands`` and ``query-version``.
     Requests longer than ``max_request_size`` bytes get an error and the client is
-    dropped.
+    dropped. At most ``max_clients`` clients are connected at once: one more gets an
+    error instead of the greeting and is disconnected.
     """
 
     def __init__(
-        self, version: dict[str, Any], *, max_request_size: int = MAX_REQUEST_SIZE
+        self, version: dict[str, Any], *, max_request_size: int = MAX_REQUEST_SIZE,
+        max_clients: int = MAX_CLIENTS,
     ) -> None:
+        if max_clients < 1:
+            raise ValueError(f"max_clients must be at least 1, not {max_clients}")
         self.version = version
         self.max_request_size = max_request_size
+        self.max_clients = max_clients
         self._commands: dict[str, _Command] = {}
         self._sessions: set[_Session] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -246,6 +255,14 @@ class QmpServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._count += 1
+        if len(self._sessions) >= self.max_clients:
+            # Refused at once: its descriptor is released before more can pile up.
+            log.warning("qmp#%d refused: %d QMP clients are connected, the limit",
+                        self._count, len(self._sessions))
+            writer.write(_encode(_error(
+                "GenericError", f"Too many QMP clients (at most {self.max_clients})")))
+            writer.close()
+            return
         session = _Session(self._count, writer)
         task = asyncio.current_task()
         if task is not None:

@@ -155,3 +155,38 @@ async def test_slow_drip_clients_do_not_slow_the_backend(tmp_path: Path) -> None
         await served.assert_serving()
         await served.assert_back_to(baseline)
         assert_no_traceback(served)
+
+
+async def test_qmp_clients_are_capped(tmp_path: Path) -> None:
+    async with ServedBackend.start(tmp_path, extra=["--qmp-max-clients", "4"]) as served:
+        baseline = served.resources()
+        async with raws(served.qmp, 4) as held, raws(served.qmp, 100, negotiate=False) as over:
+            for raw in over:
+                refused = await raw.line()
+                assert refused["error"]["class"] == "GenericError", refused
+                assert "QMP clients" in refused["error"]["desc"], refused
+                assert await asyncio.wait_for(raw.reader.read(), TIMEOUT) == b""
+            assert served.resources().fds <= baseline.fds + 4 + 2
+            for raw in held:  # the clients within the cap are untouched
+                assert "return" in await raw.ask(b'{"execute": "query-viommu-stats"}\n')
+            fe = await FakeFrontend.connect(served.viommu)
+            try:
+                assert (await fe.call(R.GET_FEATURES)).u64 & (1 << 32)
+            finally:
+                fe.close()
+            qemu = await FakeQemu.connect(served.blk)
+            try:
+                qemu.accept_version(await qemu.version())
+            finally:
+                await qemu.close()
+        await served.assert_serving()
+        await served.assert_back_to(baseline)
+        assert "refused" in served.log_text()
+        assert_no_traceback(served)
+
+
+async def test_default_cap_admits_sixteen_clients(tmp_path: Path) -> None:
+    async with ServedBackend.start(tmp_path) as served:
+        async with raws(served.qmp, 16), raws(served.qmp, 1, negotiate=False) as (over,):
+            assert (await over.line())["error"]["class"] == "GenericError"
+        await served.assert_serving()

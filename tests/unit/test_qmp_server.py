@@ -329,6 +329,36 @@ async def test_ids_that_cannot_be_echoed(server: QmpServer, sock: Path) -> None:
     raw.writer.close()
 
 
+async def test_max_clients(sock: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(ValueError):
+        QmpServer(VERSION, max_clients=0)
+    server = QmpServer(VERSION, max_clients=2)
+    await server.start_unix(str(sock))
+    try:
+        one, two = await Raw.connect(sock), await Raw.connect(sock)
+        await one.negotiate()
+        await two.negotiate()
+        for _ in range(3):
+            over = await Raw.connect(sock)
+            assert await over.line() == {"error": {
+                "class": "GenericError", "desc": "Too many QMP clients (at most 2)"}}
+            assert await asyncio.wait_for(over.reader.read(), TIMEOUT) == b""
+        assert "qmp#3 refused: 2 QMP clients are connected, the limit" in caplog.text
+        one.writer.close()
+        await asyncio.wait_for(one.writer.wait_closed(), TIMEOUT)
+        for _ in range(100):  # the server notices the disconnection
+            if len(server._sessions) < 2:
+                break
+            await asyncio.sleep(0.01)
+        three = await Raw.connect(sock)
+        await three.negotiate()
+        assert await two.ask(b'{"execute": "query-version"}') == {"return": VERSION}
+        two.writer.close()
+        three.writer.close()
+    finally:
+        await server.close()
+
+
 async def test_dead_and_slow_clients(
     server: QmpServer, sock: Path, connect: Callable[[], Awaitable[QMPClient]],
     monkeypatch: pytest.MonkeyPatch,
