@@ -274,6 +274,10 @@ class QmpServer:
             await self._read_requests(session, reader)
         except ConnectionError as exc:
             log.debug("%s: %s", session.name, exc)
+        except asyncio.CancelledError:
+            # The server is closing. Not re-raised: this task is ours alone, and a
+            # cancelled client task makes asyncio (3.11) log a traceback.
+            log.debug("%s: disconnected by the server", session.name)
         except Exception:
             log.exception("%s: QMP session failed", session.name)
         finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -190,3 +191,20 @@ async def test_default_cap_admits_sixteen_clients(tmp_path: Path) -> None:
         async with raws(served.qmp, 16), raws(served.qmp, 1, negotiate=False) as (over,):
             assert (await over.line())["error"]["class"] == "GenericError"
         await served.assert_serving()
+
+
+async def test_sigterm_with_clients_connected_logs_no_traceback(tmp_path: Path) -> None:
+    async with ServedBackend.start(tmp_path) as served:
+        client = await served.qmp_client()
+        try:
+            async with raws(served.qmp, 1) as (raw,), raws(served.qmp, 1, negotiate=False):
+                await raw.send(b'{"execute": "query-ver')
+                await asyncio.sleep(0.05)
+                assert served.stop(signal.SIGTERM) == 0
+        finally:
+            await client.disconnect()
+        assert_no_traceback(served)
+    async with ServedBackend.start(tmp_path) as served:
+        async with raws(served.qmp, 1):
+            assert served.stop(signal.SIGINT) == 0
+        assert_no_traceback(served)

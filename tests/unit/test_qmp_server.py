@@ -359,6 +359,26 @@ async def test_max_clients(sock: Path, caplog: pytest.LogCaptureFixture) -> None
         await server.close()
 
 
+async def test_close_with_clients_logs_no_traceback(
+    sock: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    errors: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, ctx: errors.append(ctx))
+    server = QmpServer(VERSION)
+    await server.start_unix(str(sock))
+    idle, busy = await Raw.connect(sock), await Raw.connect(sock)
+    await idle.negotiate()
+    await busy.send(b'{"execute": "qmp_cap')
+    await asyncio.sleep(0.01)
+    await server.close()
+    await asyncio.sleep(0.01)
+    assert errors == []
+    assert "Traceback" not in caplog.text and not any(
+        r.levelname in ("ERROR", "CRITICAL") for r in caplog.records)
+    for raw in (idle, busy):
+        raw.writer.close()
+
+
 async def test_dead_and_slow_clients(
     server: QmpServer, sock: Path, connect: Callable[[], Awaitable[QMPClient]],
     monkeypatch: pytest.MonkeyPatch,
