@@ -41,6 +41,9 @@ class BackendConfig:
     endpoints: list[int] | None = None
     iommu: IommuConfig = field(default_factory=IommuConfig)
     devices: list[EndpointSpec] = field(default_factory=list)
+    allow_unsealed_memory: bool = False
+    """Map guest memory fds that are not memfds sealed against shrinking (trusts the
+    frontends not to shrink them: a shrunk one kills the backend with SIGBUS)."""
     socket_group: int | None = None
     """A group ID whose members may connect to every socket (0660); None: owner only."""
     max_dma_maps: int = DEFAULT_MAX_DMA_MAPS
@@ -76,7 +79,8 @@ class Backend:
         self.config = config
         self.iommu = PvIommu(config.iommu, config.endpoint_ids())
         self.device = VirtioIommu(self.iommu)
-        self.vhost = VhostUserServer(config.viommu_socket, self.device)
+        self.vhost = VhostUserServer(config.viommu_socket, self.device,
+                                     allow_unsealed_memory=config.allow_unsealed_memory)
         # VhostUserServer takes no group of its own yet: set it on its listener.
         self.vhost._server.group = config.socket_group
         self.qmp = QmpServer(_qmp_version(), max_clients=config.qmp_max_clients)
@@ -85,6 +89,8 @@ class Backend:
             d.endpoint: Endpoint(d, self.endpoint_dma, max_dma_maps=config.max_dma_maps,
                                  socket_group=config.socket_group)
             for d in config.devices}
+        for ep in self.endpoints.values():
+            ep.memory.allow_unsealed = config.allow_unsealed_memory
         self.qmp.register("query-endpoint-devices", self._query_devices,
                           doc="The backend's DMA endpoint devices and their counters")
         previous = self.iommu.on_event

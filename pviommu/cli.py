@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -316,6 +318,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            devices=devices, socket_group=group,
                            max_dma_maps=args.max_dma_maps,
                            qmp_max_clients=args.qmp_max_clients)
+    config.allow_unsealed_memory = args.allow_unsealed_memory
+    if os.environ.get("PVIOMMU_DEBUG_NO_GC"):
+        gc.disable()  # tests: a gone client's memory must be freed without the collector
     try:
         asyncio.run(_serve(config))
     except OSError as exc:
@@ -369,6 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-dma-maps", type=_max_dma_maps, default=DEFAULT_MAX_DMA_MAPS,
                    metavar="N", help="DMA maps one vfio-user client may hold per endpoint; "
                                      "past it DMA_MAP fails with ENOSPC (default %(default)s)")
+    p.add_argument("--allow-unsealed-memory", action="store_true",
+                   help="map guest memory fds that are not memfds sealed against shrinking "
+                        "(QEMU's memory-backend-memfd seals them by default): trusts the "
+                        "frontends, since one that shrinks such a file kills the backend")
     _add_iommu_options(p)
     p.set_defaults(func=cmd_serve)
 

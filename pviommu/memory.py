@@ -8,9 +8,11 @@ before it is touched, and an address outside every region raises
 from __future__ import annotations
 
 import bisect
+import fcntl
 import logging
 import mmap
 import os
+import stat
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -82,14 +84,43 @@ class RegionSpec:
     mmap_offset: int
 
 
+def check_memory_fd(fd: int, offset: int, size: int, allow_unsealed: bool = False) -> None:
+    """Raises ValueError unless ``size`` bytes of ``fd`` at ``offset`` can be mapped safely.
+
+    The fd must be a regular file (a memfd) at least ``offset + size`` bytes
+    long. A file that shrinks under a mapping makes every access to the lost
+    part a SIGBUS that kills the process, so unless ``allow_unsealed`` (the
+    frontend is trusted not to shrink it) the fd must be a memfd sealed with
+    F_SEAL_SHRINK, as QEMU's memory-backend-memfd seals its memfds by default.
+    """
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError("the memory fd is not a regular file or memfd")
+    if offset < 0 or offset + size > st.st_size:
+        raise ValueError(f"the region {offset:#x}+{size:#x} lies beyond the end of its "
+                         f"{st.st_size:#x}-byte file")
+    if allow_unsealed:
+        return
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:  # EINVAL: not a memfd, no seals at all
+        seals = None
+    if seals is None or not seals & fcntl.F_SEAL_SHRINK:
+        raise ValueError("the memory fd is not a memfd sealed against shrinking "
+                         "(F_SEAL_SHRINK, QEMU's memory-backend-memfd default); "
+                         "pviommu serve --allow-unsealed-memory trusts the frontend instead")
+
+
 class Region:
     """One region: ``size`` bytes of the fd at ``mmap_offset``, seen at ``gpa``.
 
     Without an fd (``fd`` None) the region is *remote*: it exists, but only the
-    frontend can read or write it. ``writable`` False maps it read-only.
+    frontend can read or write it. ``writable`` False maps it read-only. The fd
+    is checked with :func:`check_memory_fd` first.
     """
 
-    def __init__(self, spec: RegionSpec, fd: int | None, writable: bool = True) -> None:
+    def __init__(self, spec: RegionSpec, fd: int | None, writable: bool = True,
+                 allow_unsealed: bool = False) -> None:
         if spec.size <= 0:
             raise ValueError(f"memory region at {spec.gpa:#x} has size {spec.size}")
         if spec.gpa + spec.size > 1 << 64 or spec.uaddr + spec.size > 1 << 64:
@@ -100,6 +131,7 @@ class Region:
         self.view: memoryview | None = None
         if fd is None:
             return
+        check_memory_fd(fd, spec.mmap_offset, spec.size, allow_unsealed)
         page_off = spec.mmap_offset % mmap.PAGESIZE
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         self._mmap = mmap.mmap(fd, spec.size + page_off, mmap.MAP_SHARED, prot,
@@ -130,9 +162,14 @@ class Region:
 
 
 class GuestMemory:
-    """The guest's memory regions, looked up by guest-physical or frontend-virtual address."""
+    """The guest's memory regions, looked up by guest-physical or frontend-virtual address.
 
-    def __init__(self) -> None:
+    ``allow_unsealed`` accepts memory fds that are not sealed against shrinking
+    (see :func:`check_memory_fd`).
+    """
+
+    def __init__(self, allow_unsealed: bool = False) -> None:
+        self.allow_unsealed = allow_unsealed
         self._regions: list[Region] = []
         self._starts: list[int] = []
         self.remote: RemoteAccess | None = None
@@ -155,12 +192,12 @@ class GuestMemory:
             if len(specs) != len(fds):
                 raise ValueError(f"{len(specs)} memory regions but {len(fds)} fds")
             for spec, fd in zip(specs, fds, strict=True):
-                new.append(Region(spec, fd))
+                new.append(Region(spec, fd, allow_unsealed=self.allow_unsealed))
             new.sort(key=lambda r: r.gpa)
             for a, b in zip(new, new[1:], strict=False):
                 if a.end > b.gpa:
                     raise ValueError(f"memory regions {a.gpa:#x} and {b.gpa:#x} overlap")
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError, OverflowError) as e:
             for r in new:
                 r.close()
             raise ValueError(f"cannot map guest memory: {e}") from e
@@ -182,8 +219,8 @@ class GuestMemory:
                 if r.gpa < spec.gpa + spec.size and spec.gpa < r.end:
                     raise ValueError(f"region {spec.gpa:#x}+{spec.size:#x} overlaps the region "
                                      f"{r.gpa:#x}+{r.spec.size:#x}")
-            region = Region(spec, fd, writable)
-        except (ValueError, OSError) as e:
+            region = Region(spec, fd, writable, self.allow_unsealed)
+        except (ValueError, OSError, OverflowError) as e:
             raise ValueError(f"cannot map guest memory: {e}") from e
         finally:
             if fd is not None:

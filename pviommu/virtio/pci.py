@@ -36,6 +36,7 @@ import os
 import struct
 from collections.abc import Hashable, Iterable
 
+from .. import irqfd
 from ..dma import DmaSpace
 from ..pci.config import (
     CAP_ID_MSIX,
@@ -102,7 +103,6 @@ _VIRTIO_CAP = struct.Struct("<BBBBxxII")  # cap_len, cfg_type, bar, id, offset, 
 _STRUCTS = ((CFG_COMMON, COMMON_OFFSET), (CFG_ISR, ISR_OFFSET), (CFG_DEVICE, DEVICE_OFFSET),
             (CFG_NOTIFY, NOTIFY_OFFSET))
 _ACCESS_SIZES = (1, 2, 4, 8)
-_EVENTFD_ONE = (1).to_bytes(8, "little")
 
 
 class VirtioPciFunction:
@@ -324,11 +324,22 @@ class VirtioPciFunction:
         return self.num_vectors if index == IrqIndex.MSIX else 0
 
     def set_irq_eventfds(self, index: int, start: int, fds: list[int | None]) -> None:
-        """MSI-X vectors ``start..`` signal these eventfds (None de-assigns)."""
+        """MSI-X vectors ``start..`` signal these eventfds (None de-assigns).
+
+        The function owns the fds from now on, even when it refuses them; each
+        is made non-blocking (:func:`pviommu.irqfd.adopt`).
+        """
         if index != IrqIndex.MSIX or start < 0 or start + len(fds) > self.num_vectors:
             _close(fd for fd in fds if fd is not None)
             raise ValueError(f"no interrupts {start}..{start + len(fds) - 1} of kind {index} "
                              f"(MSI-X has {self.num_vectors})")
+        try:
+            for fd in fds:
+                if fd is not None:
+                    irqfd.adopt(fd)
+        except OSError as e:
+            _close(fd for fd in fds if fd is not None)
+            raise ValueError(f"an MSI-X eventfd is unusable: {e}") from e
         old = set(self._vectors)
         self._vectors[start:start + len(fds)] = fds
         _close(old - set(self._vectors) - {None})
@@ -347,10 +358,7 @@ class VirtioPciFunction:
         if fd is None:
             log.debug("virtio-pci: MSI-X vector %d has no eventfd", vector)
             return
-        try:
-            os.write(fd, _EVENTFD_ONE)
-        except OSError as e:
-            log.error("virtio-pci: MSI-X vector %d: eventfd write failed: %s", vector, e)
+        irqfd.signal(fd, f"virtio-pci: {self.device.name}: MSI-X vector {vector}")
 
     # -- VirtioTransport --------------------------------------------------------------------
 

@@ -37,6 +37,8 @@ from pviommu.virtio.queue import (
     SplitQueue,
 )
 
+from .memfd import sealed_memfd
+
 DESC = struct.Struct("<QIHH")
 USED_ELEM = struct.Struct("<II")
 DEFAULT_GPA = 0x40000000
@@ -51,9 +53,8 @@ def memfd_memory(size: int, gpa: int = DEFAULT_GPA, uaddr: int = DEFAULT_UADDR
     and ``os.close(fd)`` when done. (``set_regions`` closes the fd it is given,
     so it gets a dup; the returned fd stays open, e.g. to send over a socket.)
     """
-    fd = os.memfd_create("fake-guest", os.MFD_CLOEXEC)
+    fd = sealed_memfd(size)
     try:
-        os.ftruncate(fd, size)
         memory = GuestMemory()
         memory.set_regions([RegionSpec(gpa, size, uaddr, 0)], [os.dup(fd)])
     except BaseException:

@@ -1,7 +1,6 @@
 """The backend's endpoint devices: wiring, QMP, and the revocation report."""
 
 import asyncio
-import os
 
 import pytest
 from qemu.qmp import EventListener, QMPClient
@@ -12,6 +11,7 @@ from pviommu.endpoints import EndpointSpec
 from pviommu.iommu.mappings import MAP_F_READ, MAP_F_WRITE
 from pviommu.iommu.pv import ArmedRevocation, Status
 from pviommu.memory import RegionSpec
+from tests.fakes.memfd import sealed_memfd
 
 GPA = 0x40000000
 SIZE = 1 << 20
@@ -36,8 +36,7 @@ async def backend(tmp_path):
 
 
 def _memory(b, endpoint):
-    fd = os.memfd_create("guest")
-    os.ftruncate(fd, SIZE)
+    fd = sealed_memfd(SIZE, "guest")
     memory = b.endpoints[endpoint].memory
     memory.add_region(RegionSpec(GPA, SIZE, 0, 0), fd)
     return memory

@@ -1,6 +1,5 @@
 """An endpoint's DMA space: translation, permissions, and the one fault path."""
 
-import os
 
 import pytest
 
@@ -10,6 +9,7 @@ from pviommu.iommu.mappings import MAP_F_READ, MAP_F_WRITE
 from pviommu.iommu.pv import ATTACH_F_BYPASS, ArmedRevocation, Status
 from pviommu.memory import GuestMemory, MemoryAccessError, RegionSpec
 from tests.fakes.dma import FakeRemote
+from tests.fakes.memfd import sealed_memfd
 from tests.fakes.virtio_driver import FakeDriver
 
 GPA = 0x40000000
@@ -19,8 +19,7 @@ EP = 0x10
 
 @pytest.fixture
 def memory():
-    fd = os.memfd_create("guest")
-    os.ftruncate(fd, SIZE)
+    fd = sealed_memfd(SIZE, "guest")
     mem = GuestMemory()
     mem.set_regions([RegionSpec(GPA, SIZE, 0x7F0000000000, 0)], [fd])
     yield mem

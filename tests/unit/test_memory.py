@@ -13,7 +13,9 @@ from pviommu.memory import (
     RegionSpec,
     RemoteMemoryError,
     RemoteRange,
+    check_memory_fd,
 )
+from tests.fakes.memfd import sealed_memfd
 from tests.fakes.virtio_driver import memfd_memory
 
 GPA = 0x40000000
@@ -22,8 +24,7 @@ PAGE = mmap.PAGESIZE
 
 
 def _memfd(size: int, fill: bytes = b"") -> int:
-    fd = os.memfd_create("t", os.MFD_CLOEXEC)
-    os.ftruncate(fd, size)
+    fd = sealed_memfd(size, "t")
     if fill:
         os.pwrite(fd, fill, 0)
     return fd
@@ -293,3 +294,65 @@ def test_read_only_regions_refuse_write_views(mem):
             memory.piece(0x6000_0000, 1, write=True)
     finally:
         memory.clear()
+
+
+# -- memory fds the frontend could shrink ------------------------------------------------------
+
+
+def test_an_unsealed_memfd_is_refused_unless_allowed():
+    fd = sealed_memfd(PAGE, "t", seals=0)
+    try:
+        with pytest.raises(ValueError, match="sealed against shrinking"):
+            check_memory_fd(fd, 0, PAGE)
+        check_memory_fd(fd, 0, PAGE, allow_unsealed=True)
+        memory = GuestMemory()
+        with pytest.raises(ValueError, match="sealed against shrinking"):
+            memory.set_regions([RegionSpec(GPA, PAGE, 0, 0)], [os.dup(fd)])
+        with pytest.raises(ValueError, match="sealed against shrinking"):
+            memory.add_region(RegionSpec(GPA, PAGE, 0, 0), os.dup(fd))
+        assert memory.regions == []
+        trusting = GuestMemory(allow_unsealed=True)
+        trusting.add_region(RegionSpec(GPA, PAGE, 0, 0), os.dup(fd))
+        assert trusting.regions == [RegionSpec(GPA, PAGE, 0, 0)]
+        trusting.clear()
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("offset,size", [(0, 2 * PAGE), (PAGE, PAGE), (2 * PAGE, PAGE),
+                                         (1 << 63, PAGE)])
+@pytest.mark.parametrize("allow_unsealed", [False, True])
+def test_a_region_beyond_the_end_of_its_file_is_refused(offset, size, allow_unsealed):
+    fd = sealed_memfd(PAGE, "t")
+    try:
+        with pytest.raises(ValueError, match="beyond the end"):
+            check_memory_fd(fd, offset, size, allow_unsealed)
+        memory = GuestMemory(allow_unsealed=allow_unsealed)
+        with pytest.raises(ValueError, match="beyond the end"):
+            memory.set_regions([RegionSpec(GPA, size, 0, offset)], [os.dup(fd)])
+        assert memory.regions == []
+    finally:
+        os.close(fd)
+
+
+def test_an_fd_that_is_no_file_is_refused_even_when_unsealed_ones_are_allowed():
+    r, w = os.pipe()
+    try:
+        for allow in (False, True):
+            with pytest.raises(ValueError, match="not a regular file"):
+                check_memory_fd(r, 0, PAGE, allow)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_plain_file_is_no_sealed_memfd(tmp_path):
+    path = tmp_path / "ram"
+    path.write_bytes(bytes(PAGE))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with pytest.raises(ValueError, match="sealed against shrinking"):
+            check_memory_fd(fd, 0, PAGE)
+        check_memory_fd(fd, 0, PAGE, allow_unsealed=True)
+    finally:
+        os.close(fd)

@@ -36,6 +36,7 @@ from pviommu.transport.unix_socket import SocketPathError
 from pviommu.transport.vfio_user import protocol as p
 from pviommu.transport.vfio_user.server import DEFAULT_MAX_DMA_MAPS, VfioUserServer
 from tests.fakes import vfio_user as q
+from tests.fakes.memfd import sealed_memfd
 from tests.fakes.vfio_user import (
     CONFIG,
     DEFAULT_GPA,
@@ -148,8 +149,7 @@ class Memfd:
     """Guest RAM the fake QEMU shares: a memfd and the test's own mapping of it."""
 
     def __init__(self, size: int = MEM_SIZE) -> None:
-        self.fd = os.memfd_create("fake-ram", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, size)
+        self.fd = sealed_memfd(size, "fake-ram")
         self.map = mmap.mmap(self.fd, size)
 
     def close(self) -> None:

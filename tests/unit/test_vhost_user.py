@@ -7,10 +7,12 @@ send what QEMU sends and what it never should.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import shutil
 import struct
 import tempfile
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -418,3 +420,81 @@ async def test_hang_up_resets_the_device_and_releases_everything(
             fe2.close()
     finally:
         fresh.close()
+
+
+# -- what a gone frontend leaves behind ---------------------------------------------------
+
+
+def guest_maps() -> int:
+    with open("/proc/self/maps") as f:
+        return sum(1 for line in f if "fake-guest" in line)
+
+
+async def _gone(server: VhostUserServer) -> None:
+    for _ in range(200):
+        if server.connection is None and server.device.transport is None:
+            return
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("ending", ["hang-up", "eof-mid-message", "garbage", "refused",
+                                    "gone-before-reply"])
+async def test_a_gone_frontend_frees_its_memory_at_once_without_the_collector(
+        server: VhostUserServer, guest: Guest, ending: str) -> None:
+    gc.disable()
+    try:
+        mapped = guest_maps()  # the test's own mapping of the guest RAM
+        fe = await FakeFrontend.connect(server.path)
+        await guest.plug(fe)
+        await guest.request(attach(1, EP))
+        assert guest_maps() == mapped + 1
+        conn = weakref.ref(server.connection)
+        if ending == "eof-mid-message":
+            await fe.send_raw(p.HEADER.pack(R.SET_VRING_NUM, p.VERSION, 8) + b"\1\2")
+        elif ending == "garbage":
+            await fe.send_raw(b"\xff" * 40)
+        elif ending == "refused":
+            assert await fe.ack(R.SET_VRING_NUM, p.VRING_STATE.pack(9, 3)) != 0
+        elif ending == "gone-before-reply":
+            await fe.send(R.GET_FEATURES)
+        fe.close()
+        await _gone(server)
+        assert conn() is None, gc.get_referrers(conn())
+        assert guest_maps() == mapped
+    finally:
+        gc.enable()
+
+
+async def test_a_frontend_gone_before_its_reply_is_one_log_line(
+        server: VhostUserServer, caplog: pytest.LogCaptureFixture) -> None:
+    for _ in range(5):
+        fe = await FakeFrontend.connect(server.path)
+        await fe.send(R.GET_FEATURES)
+        fe.close()
+        await _gone(server)
+        await asyncio.sleep(0.01)
+    assert not [r for r in caplog.records if r.exc_info], caplog.text
+
+
+async def test_interrupt_fds_are_made_non_blocking(server: VhostUserServer, fe: FakeFrontend,
+                                                   guest: Guest) -> None:
+    await guest.plug(fe)
+    full = os.eventfd(0, os.EFD_CLOEXEC)  # blocking, counter at its maximum
+    os.write(full, (0xFFFFFFFFFFFFFFFE).to_bytes(8, "little"))
+    try:
+        assert await fe.ack(R.SET_VRING_CALL, p.U64.pack(0), [full]) == 0
+        assert await fe.ack(R.SET_VRING_ERR, p.U64.pack(0), [full]) == 0
+        assert not os.get_blocking(full)  # the flag is the open file's, shared
+        head = guest.req.add([attach(1, EP)], [4])
+        guest.req.publish()
+        guest.rings[0].kick_ring()
+        used: list[tuple[int, int]] = []
+        for _ in range(100):
+            used += guest.req.used()
+            if used:
+                break
+            await asyncio.sleep(0.01)
+        assert [h for h, _ in used] == [head]
+        server.connection.device_error(0, "test")  # the error fd: no blocking either
+    finally:
+        os.close(full)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ... import irqfd
 from ...memory import GuestMemory, MemoryAccessError, RegionSpec
 from ...virtio.device import VirtioDevice
 from ...virtio.features import F_EVENT_IDX, F_INDIRECT_DESC, bit
@@ -31,8 +32,6 @@ from .protocol import ProtocolFeature as PF
 from .protocol import Request as R
 
 log = logging.getLogger(__name__)
-
-_EVENT = (1).to_bytes(8, "little")
 
 # Requests whose reply is part of the protocol, whatever REPLY_ACK says.
 _HAS_REPLY = {R.GET_FEATURES, R.GET_PROTOCOL_FEATURES, R.GET_VRING_BASE, R.GET_QUEUE_NUM,
@@ -81,10 +80,11 @@ class VhostUserConnection:
                          | bit(PF.RESET_DEVICE) | bit(PF.STATUS))
 
     def __init__(self, device: VirtioDevice, sock: socket.socket,
-                 stats: Counter[str] | None = None) -> None:
+                 stats: Counter[str] | None = None, allow_unsealed_memory: bool = False
+                 ) -> None:
         self.device = device
         self.sock = sock
-        self.memory = GuestMemory()
+        self.memory = GuestMemory(allow_unsealed=allow_unsealed_memory)
         self.dma = device.bind_memory(self.memory)
         self.rings = [Vring(i) for i in range(device.num_queues)]
         self.owner = False
@@ -92,6 +92,7 @@ class VhostUserConnection:
         self.acked_protocol_features = 0
         self.stats: Counter[str] = stats if stats is not None else Counter()
         self._loop = asyncio.get_running_loop()
+        self._closed = False
         device.transport = self
 
     # -- the message loop ---------------------------------------------------
@@ -106,12 +107,19 @@ class VhostUserConnection:
                     log.info("vhost-user frontend disconnected")
                     return
                 except (p.ProtocolError, OSError) as e:
-                    log.error("vhost-user: %s; closing the connection", e)
+                    # Strings, never the exception, go to the log: a handler that keeps
+                    # records would keep its traceback, this connection and its memory.
+                    log.error("vhost-user: %s; closing the connection", str(e))
                     self.stats["protocol_errors"] += 1
                     return
                 reply = self.handle(msg)
                 if reply is not None:
-                    await self._loop.sock_sendall(self.sock, reply)
+                    try:
+                        await self._loop.sock_sendall(self.sock, reply)
+                    except OSError as e:  # the frontend left before its reply
+                        log.info("vhost-user frontend gone before the reply to %s: %s",
+                                 msg.name, str(e))
+                        return
         finally:
             self.close()
 
@@ -130,7 +138,7 @@ class VhostUserConnection:
                 p.close_fds(msg.fds)
         except Exception as e:
             if isinstance(e, Refused | ValueError | MemoryAccessError | VirtqueueError | OSError):
-                log.error("vhost-user: refused %s: %s", msg.name, e)
+                log.error("vhost-user: refused %s: %s", msg.name, str(e))
             else:  # a bug of ours: still refuse the message rather than drop the frontend
                 log.exception("vhost-user: internal error handling %s", msg.name)
             self.stats["refused"] += 1
@@ -146,7 +154,10 @@ class VhostUserConnection:
         return None
 
     def close(self) -> None:
-        """Drops every ring, fd and mapping, and resets the device."""
+        """Drops every ring, fd and mapping, and resets the device (once)."""
+        if self._closed:
+            return
+        self._closed = True
         for ring in self.rings:
             self._stop_ring(ring)
             if ring.kick is not None:
@@ -163,19 +174,16 @@ class VhostUserConnection:
 
     def notify(self, queue: int) -> None:
         """Signals the vring's call eventfd."""
-        self._signal(self.rings[queue].call)
+        fd = self.rings[queue].call
+        if fd is not None:
+            irqfd.signal(fd, f"vhost-user vring {queue} call fd")
 
     def device_error(self, queue: int, reason: str) -> None:
         """Signals the vring's error eventfd (QEMU logs a vring error)."""
         self.stats["device_errors"] += 1
-        self._signal(self.rings[queue].err)
-
-    @staticmethod
-    def _signal(fd: int | None) -> None:
-        if fd is None:
-            return
-        with contextlib.suppress(BlockingIOError):
-            os.write(fd, _EVENT)
+        fd = self.rings[queue].err
+        if fd is not None:
+            irqfd.signal(fd, f"vhost-user vring {queue} error fd")
 
     # -- helpers --------------------------------------------------------------
 
@@ -333,14 +341,24 @@ class VhostUserConnection:
         os.set_blocking(fd, False)
         self._loop.add_reader(fd, self._on_kick, ring)
 
-    def _do_set_vring_call(self, msg: p.Message) -> None:
+    def _interrupt_fd(self, msg: p.Message) -> tuple[Vring, int | None]:
         ring, fd = self._vring_fd(msg)
+        if fd is not None:
+            try:
+                irqfd.adopt(fd)
+            except OSError:
+                os.close(fd)
+                raise
+        return ring, fd
+
+    def _do_set_vring_call(self, msg: p.Message) -> None:
+        ring, fd = self._interrupt_fd(msg)
         if ring.call is not None:
             os.close(ring.call)
         ring.call = fd
 
     def _do_set_vring_err(self, msg: p.Message) -> None:
-        ring, fd = self._vring_fd(msg)
+        ring, fd = self._interrupt_fd(msg)
         if ring.err is not None:
             os.close(ring.err)
         ring.err = fd
@@ -409,7 +427,7 @@ class VhostUserConnection:
         except BlockingIOError:
             return
         except OSError as e:
-            log.error("vring %d: kick fd: %s", ring.index, e)
+            log.error("vring %d: kick fd: %s", ring.index, str(e))
             return
         if not ring.started and not self._start_ring(ring):
             return
@@ -430,7 +448,7 @@ class VhostUserConnection:
                                next_avail=ring.base)
             self.device.start_queue(ring.index, queue)
         except (VirtqueueError, MemoryAccessError, ValueError) as e:
-            log.error("vring %d cannot start: %s", ring.index, e)
+            log.error("vring %d cannot start: %s", ring.index, str(e))
             self.device_error(ring.index, str(e))
             return False
         ring.started = True
@@ -446,13 +464,19 @@ class VhostUserConnection:
 
 
 class VhostUserServer:
-    """Listens on a UNIX socket and serves ``device`` to one frontend at a time."""
+    """Listens on a UNIX socket and serves ``device`` to one frontend at a time.
+
+    ``allow_unsealed_memory`` maps guest memory fds that are not sealed against
+    shrinking (see :func:`~pviommu.memory.check_memory_fd`).
+    """
 
     def __init__(self, path: Path, device: VirtioDevice,
-                 on_connect: Callable[[VhostUserConnection], None] | None = None) -> None:
+                 on_connect: Callable[[VhostUserConnection], None] | None = None,
+                 allow_unsealed_memory: bool = False) -> None:
         self.path = Path(path)
         self.device = device
         self.on_connect = on_connect
+        self.allow_unsealed_memory = allow_unsealed_memory
         self.stats: Counter[str] = Counter()
         self.connection: VhostUserConnection | None = None
         self._server = UnixServer(self.path, self._serve, "vhost-user")
@@ -467,10 +491,16 @@ class VhostUserServer:
         await self._server.start()
 
     async def _serve(self, sock: socket.socket) -> None:
-        self.connection = VhostUserConnection(self.device, sock, self.stats)
-        if self.on_connect is not None:
-            self.on_connect(self.connection)
-        await self.connection.serve()
+        conn = VhostUserConnection(self.device, sock, self.stats, self.allow_unsealed_memory)
+        self.connection = conn
+        try:
+            if self.on_connect is not None:
+                self.on_connect(conn)
+            await conn.serve()
+        finally:
+            conn.close()  # idempotent; also when on_connect failed
+            if self.connection is conn:
+                self.connection = None  # nothing of a gone frontend outlives it
 
     async def close(self) -> None:
         """Stops listening and drops the current frontend."""
