@@ -80,17 +80,15 @@ class Backend:
         self.iommu = PvIommu(config.iommu, config.endpoint_ids())
         self.device = VirtioIommu(self.iommu)
         self.vhost = VhostUserServer(config.viommu_socket, self.device,
-                                     allow_unsealed_memory=config.allow_unsealed_memory)
-        # VhostUserServer takes no group of its own yet: set it on its listener.
-        self.vhost._server.group = config.socket_group
+                                     allow_unsealed_memory=config.allow_unsealed_memory,
+                                     group=config.socket_group)
         self.qmp = QmpServer(_qmp_version(), max_clients=config.qmp_max_clients)
         self.commands = ViommuCommands(self.qmp, self.iommu, self.device, self._transport_stats)
         self.endpoints = {
             d.endpoint: Endpoint(d, self.endpoint_dma, max_dma_maps=config.max_dma_maps,
-                                 socket_group=config.socket_group)
+                                 socket_group=config.socket_group,
+                                 allow_unsealed_memory=config.allow_unsealed_memory)
             for d in config.devices}
-        for ep in self.endpoints.values():
-            ep.memory.allow_unsealed = config.allow_unsealed_memory
         self.qmp.register("query-endpoint-devices", self._query_devices,
                           doc="The backend's DMA endpoint devices and their counters")
         previous = self.iommu.on_event

@@ -154,9 +154,10 @@ class Endpoint:
     def __init__(self, spec: EndpointSpec,
                  dma_factory: Callable[[int, GuestMemory], DmaSpace], *,
                  max_dma_maps: int = DEFAULT_MAX_DMA_MAPS,
-                 socket_group: int | None = None) -> None:
+                 socket_group: int | None = None,
+                 allow_unsealed_memory: bool = False) -> None:
         self.spec = spec
-        self.memory = GuestMemory()
+        self.memory = GuestMemory(allow_unsealed=allow_unsealed_memory)
         self.dma: DmaSpace = dma_factory(spec.endpoint, self.memory)
         self.device = make_device(spec)
         self.function = VirtioPciFunction(self.device, self.dma)

@@ -467,19 +467,20 @@ class VhostUserServer:
     """Listens on a UNIX socket and serves ``device`` to one frontend at a time.
 
     ``allow_unsealed_memory`` maps guest memory fds that are not sealed against
-    shrinking (see :func:`~pviommu.memory.check_memory_fd`).
+    shrinking (see :func:`~pviommu.memory.check_memory_fd`); ``group`` may connect
+    too (the socket is 0660), else the socket is owner-only.
     """
 
     def __init__(self, path: Path, device: VirtioDevice,
                  on_connect: Callable[[VhostUserConnection], None] | None = None,
-                 allow_unsealed_memory: bool = False) -> None:
+                 allow_unsealed_memory: bool = False, group: int | None = None) -> None:
         self.path = Path(path)
         self.device = device
         self.on_connect = on_connect
         self.allow_unsealed_memory = allow_unsealed_memory
         self.stats: Counter[str] = Counter()
         self.connection: VhostUserConnection | None = None
-        self._server = UnixServer(self.path, self._serve, "vhost-user")
+        self._server = UnixServer(self.path, self._serve, "vhost-user", group=group)
 
     @property
     def connections(self) -> int:
