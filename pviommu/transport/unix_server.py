@@ -65,7 +65,7 @@ class UnixServer:
             try:
                 conn, _ = await loop.sock_accept(self._listener.sock)
             except OSError as e:  # e.g. out of fds: keep listening
-                log.error("%s: accepting on %s failed: %s", self.name, self.path, e)
+                log.error("%s: accepting on %s failed: %s", self.name, self.path, str(e))
                 await asyncio.sleep(0.1)
                 continue
             conn.setblocking(False)
@@ -95,7 +95,7 @@ class UnixServer:
         try:
             await self._serve(conn)
         except ConnectionError as e:  # the client went at a bad moment: no traceback
-            log.warning("%s: client on %s lost: %s", self.name, self.path, e)
+            log.warning("%s: client on %s lost: %s", self.name, self.path, str(e))
         except Exception:  # a bug in serve: drop that client, keep the server
             log.exception("%s: serving a client on %s failed", self.name, self.path)
         finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import json
 import mmap
 import os
@@ -19,6 +20,7 @@ import shutil
 import socket
 import struct
 import tempfile
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -1072,3 +1074,27 @@ async def test_a_failing_function_never_takes_the_server_down(
     await until(lambda: server.connection is None)
     again = await negotiated(server)  # the next client is still served
     await again.close()
+
+
+# -- what a gone client leaves behind ------------------------------------------------------
+
+
+@pytest.mark.parametrize("ending", ["hang-up", "garbage", "mid-message"])
+async def test_a_gone_client_is_freed_at_once_without_the_collector(
+        server: VfioUserServer, memory: GuestMemory, ram: Memfd, ending: str) -> None:
+    gc.disable()
+    try:
+        client = await negotiated(server)
+        assert (await client.dma_map(DEFAULT_GPA, MEM_SIZE, ram.fd)).ok
+        assert server.connection is not None
+        conn = weakref.ref(server.connection)
+        if ending == "garbage":
+            await client.send_raw(b"\xff" * 64)
+        elif ending == "mid-message":
+            await client.send_raw(q.HDR.pack(client.new_id(), p.Command.DMA_UNMAP, 64, 0, 0))
+        await client.close()
+        await until(lambda: server.connection is None)
+        assert conn() is None, gc.get_referrers(conn())
+        assert memory.regions == []
+    finally:
+        gc.enable()

@@ -26,6 +26,7 @@ import logging
 import os
 import socket
 import struct
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -126,7 +127,16 @@ class RemoteDma:
     """
 
     def __init__(self, connection: VfioUserConnection) -> None:
-        self._conn = connection
+        # Weak: the connection owns this object, and a cycle would keep a gone
+        # client's connection (and what it references) until the collector ran.
+        self._conn_ref = weakref.ref(connection)
+
+    @property
+    def _conn(self) -> VfioUserConnection:
+        conn = self._conn_ref()
+        if conn is None:
+            raise MemoryAccessError(0, 0, "DMA address", "cannot be reached: the client is gone")
+        return conn
 
     @property
     def chunk(self) -> int:
@@ -244,10 +254,12 @@ class VfioUserConnection:
             try:
                 msg = await p.read_message(self.sock)
             except EOFError as e:
-                log.info("%s: client disconnected (%s)", self.name, e)
+                # Strings, never the exception, go to the log: a handler that keeps
+                # records would keep its traceback, this connection and its memory.
+                log.info("%s: client disconnected (%s)", self.name, str(e))
                 return
             except p.ProtocolError as e:
-                log.error("%s: %s; closing the connection", self.name, e)
+                log.error("%s: %s; closing the connection", self.name, str(e))
                 self.stats["protocol_errors"] += 1
                 if (e.command is not None and not e.flags & p.FLAG_NO_REPLY
                         and e.flags & p.FLAG_TYPE_MASK == p.TYPE_COMMAND):
@@ -255,7 +267,7 @@ class VfioUserConnection:
                         await self._send(p.error_reply(e.id or 0, e.command, errno.E2BIG))
                 return
             except OSError as e:
-                log.warning("%s: client connection failed: %s", self.name, e)
+                log.warning("%s: client connection failed: %s", self.name, str(e))
                 return
             if msg.is_reply:
                 self._on_reply(msg)
@@ -266,7 +278,7 @@ class VfioUserConnection:
                     await self._send(out)
                 except ConnectionError as e:  # the client left before its reply
                     log.info("%s: client gone before the reply to %s (id %d): %s", self.name,
-                             msg.name, msg.id, e)
+                             msg.name, msg.id, str(e))
                     return
 
     async def _teardown(self) -> None:
@@ -289,6 +301,7 @@ class VfioUserConnection:
                 await self._writer
         self._fail_queued(gone)
         self.sock.close()
+        self._handlers.clear()  # bound methods: a cycle through the connection
 
     # -- sending -------------------------------------------------------------------------
 
@@ -315,7 +328,7 @@ class VfioUserConnection:
                     fut.set_exception(ConnectionError("the connection closed"))
                 raise
             except OSError as e:  # whoever waits on fut logs it, once
-                log.debug("%s: sending to the client failed: %s", self.name, e)
+                log.debug("%s: sending to the client failed: %s", self.name, str(e))
                 failed = ConnectionError(f"sending failed: {e}")
                 if not fut.done():
                     fut.set_exception(failed)
@@ -389,7 +402,7 @@ class VfioUserConnection:
             self.stats["refused"] += 1
             log.log(e.level if isinstance(e, Refused) else logging.ERROR,
                     "%s: refused %s (id %d%s): %s", self.name, msg.name, msg.id,
-                    ", posted: not answered" if posted else "", e)
+                    ", posted: not answered" if posted else "", str(e))
             return None if posted else p.error_reply(msg.id, msg.command, err)
         except Exception:  # a bug of ours: refuse the command, keep the client
             self.stats["refused"] += 1
@@ -612,7 +625,7 @@ class VfioUserConnection:
             except (Refused, PciAccessError, ValueError) as e:
                 self.stats["refused"] += 1
                 log.error("%s: REGION_WRITE_MULTI write %d of %d (region %d at %#x): %s",
-                          self.name, i + 1, n, index, offset, e)
+                          self.name, i + 1, n, index, offset, str(e))
         return b""
 
     def _reset(self, msg: p.Message) -> bytes:
