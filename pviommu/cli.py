@@ -317,8 +317,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            endpoints=args.endpoint or None, iommu=iommu_config(args),
                            devices=devices, socket_group=group,
                            max_dma_maps=args.max_dma_maps,
-                           qmp_max_clients=args.qmp_max_clients)
-    config.allow_unsealed_memory = args.allow_unsealed_memory
+                           qmp_max_clients=args.qmp_max_clients,
+                           allow_unsealed_memory=args.allow_unsealed_memory)
     if os.environ.get("PVIOMMU_DEBUG_NO_GC"):
         gc.disable()  # tests: a gone client's memory must be freed without the collector
     try:

@@ -488,7 +488,7 @@ class VhostUserServer:
         return self._server.connections
 
     async def start(self) -> None:
-        """Starts listening (a stale socket file is replaced)."""
+        """Starts listening (a stale socket file is replaced, anything else refused)."""
         await self._server.start()
 
     async def _serve(self, sock: socket.socket) -> None:
