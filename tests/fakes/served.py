@@ -133,6 +133,12 @@ class ServedBackend:
         """The backend's fds, mappings and RSS now."""
         return resources(self.pid)
 
+    async def baseline(self) -> Resources:
+        """The resources of a backend that has served each socket once (so that what
+        Python loads on first use is not counted against an attack)."""
+        await self.assert_serving()
+        return self.resources()
+
     async def assert_back_to(self, baseline: Resources, timeout: float = 5.0,
                              rss_slack_kib: int = 16 << 10) -> Resources:
         """Waits until the fds and mappings are back to ``baseline`` and the RSS is within

@@ -64,11 +64,13 @@ async def test_an_unsealed_memfd_is_refused_on_both_transports(tmp_path):
     unsealed = sealed_memfd(SIZE, NAME, seals=0)
     try:
         async with ServedBackend.start(tmp_path) as served:
+            baseline = await served.baseline()
             assert await _vhost_mem_table(served, unsealed) != 0
             assert await _vfio_dma_map(served, unsealed) == errno.EINVAL
             assert served.log_text().count("not a memfd sealed against shrinking") == 2
             assert _memory_maps(served.pid) == 0
             await served.assert_serving()
+            await served.assert_back_to(baseline)
             assert "Traceback" not in served.log_text()
     finally:
         os.close(unsealed)
@@ -80,9 +82,11 @@ async def test_a_file_that_is_no_memfd_is_refused(tmp_path):
     fd = os.open(path, os.O_RDWR)
     try:
         async with ServedBackend.start(tmp_path) as served:
+            baseline = await served.baseline()
             assert await _vhost_mem_table(served, fd) != 0
             assert await _vfio_dma_map(served, fd) == errno.EINVAL
             await served.assert_serving()
+            await served.assert_back_to(baseline)
     finally:
         os.close(fd)
 
@@ -91,11 +95,13 @@ async def test_a_sealed_memfd_smaller_than_the_region_is_refused(tmp_path):
     small = sealed_memfd(SIZE // 2, NAME)
     try:
         async with ServedBackend.start(tmp_path) as served:
+            baseline = await served.baseline()
             assert await _vhost_mem_table(served, small) != 0
             assert await _vfio_dma_map(served, small) == errno.EINVAL
             assert served.log_text().count("beyond the end of its") == 2
             assert _memory_maps(served.pid) == 0
             await served.assert_serving()
+            await served.assert_back_to(baseline)
     finally:
         os.close(small)
 
@@ -106,11 +112,13 @@ async def test_allow_unsealed_memory_maps_unsealed_memfds_but_still_checks_their
     unsealed = sealed_memfd(SIZE, NAME, seals=0)
     try:
         async with ServedBackend.start(tmp_path, extra=["--allow-unsealed-memory"]) as served:
+            baseline = await served.baseline()
             assert await _vhost_mem_table(served, unsealed) == 0
             assert await _vfio_dma_map(served, unsealed) == 0
             assert await _vhost_mem_table(served, unsealed, 2 * SIZE) != 0
             assert await _vfio_dma_map(served, unsealed, 2 * SIZE) == errno.EINVAL
             await served.assert_serving()
+            await served.assert_back_to(baseline)
     finally:
         os.close(unsealed)
 
@@ -166,6 +174,7 @@ async def test_a_blocking_vhost_user_call_fd_does_not_stop_the_backend(tmp_path,
     ring = FakeDriver(memory, DEFAULT_GPA, 16, span=0x10000)
     try:
         async with ServedBackend.start(tmp_path) as served:
+            baseline = await served.baseline()
             fe = await FakeFrontend.connect(served.viommu)
             try:
                 await fe.negotiate()
@@ -184,6 +193,7 @@ async def test_a_blocking_vhost_user_call_fd_does_not_stop_the_backend(tmp_path,
             finally:
                 fe.close()
             await served.assert_serving()
+            await served.assert_back_to(baseline)
             assert "Traceback" not in served.log_text()
     finally:
         memory.clear()
@@ -208,6 +218,7 @@ async def test_a_blocking_msix_eventfd_does_not_stop_the_backend(tmp_path, hosti
     queue_fd = eventfd()
     try:
         async with ServedBackend.start(tmp_path) as served:
+            baseline = await served.baseline()
             qemu = await FakeQemu.connect(served.rng)
             try:
                 await qemu.startup(ram, SIZE)
@@ -236,6 +247,7 @@ async def test_a_blocking_msix_eventfd_does_not_stop_the_backend(tmp_path, hosti
             finally:
                 await qemu.close()
             await served.assert_serving()
+            await served.assert_back_to(baseline)
             assert "Traceback" not in served.log_text()
     finally:
         os.close(ram)

@@ -92,17 +92,20 @@ async def test_a_directory_at_a_socket_path_is_refused(tmp_path: Path) -> None:
 
 async def test_a_second_backend_on_a_live_ones_paths_is_refused(tmp_path: Path) -> None:
     async with ServedBackend.start(tmp_path) as first:
+        baseline = await first.baseline()
         before = {p: identity(p) for p in sockets_of(first)}
         exited = await run_serve(backend_in(tmp_path).command())
         assert_refused(exited, f"{first.viommu}: a pviommu/other server is already listening "
                                "there")
         assert {p: identity(p) for p in sockets_of(first)} == before
         await first.assert_serving()
+        await first.assert_back_to(baseline)
 
 
 async def test_a_second_backend_removes_only_the_sockets_it_bound(tmp_path: Path) -> None:
     (tmp_path / "first").mkdir()
     async with ServedBackend.start(tmp_path / "first") as first:
+        baseline = await first.baseline()
         second = backend_in(tmp_path / "second")
         # Its own vhost-user, blk and rng sockets bind; the live QMP socket stops it.
         command = second.command()
@@ -114,6 +117,7 @@ async def test_a_second_backend_removes_only_the_sockets_it_bound(tmp_path: Path
         assert [p.name for p in (tmp_path / "second").iterdir()] == ["disk.img"]
         assert identity(first.qmp) == before
         await first.assert_serving()
+        await first.assert_back_to(baseline)
 
 
 async def test_on_exit_only_its_own_sockets_are_removed(tmp_path: Path) -> None:
