@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 from pviommu.transport.vhost_user.protocol import Request as R
+from tests.fakes.qmp import RawQmp
 from tests.fakes.served import ServedBackend
 from tests.fakes.vfio_user import FakeQemu
 from tests.fakes.vhost_user import FakeFrontend
@@ -20,45 +19,12 @@ from tests.fakes.vhost_user import FakeFrontend
 TIMEOUT = 5.0
 
 
-class Raw:
-    """A QMP client on a bare socket, to send exactly the bytes a test wants."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def connect(cls, path: Path, negotiate: bool = True) -> Raw:
-        reader, writer = await asyncio.open_unix_connection(str(path))
-        raw = cls(reader, writer)
-        if negotiate:
-            assert "QMP" in await raw.line()
-            assert await raw.ask(b'{"execute": "qmp_capabilities"}\n') == {"return": {}}
-        return raw
-
-    async def line(self) -> dict[str, Any]:
-        raw = await asyncio.wait_for(self.reader.readline(), TIMEOUT)
-        assert raw.endswith(b"\r\n"), raw
-        return json.loads(raw)
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def ask(self, data: bytes) -> dict[str, Any]:
-        await self.send(data)
-        return await self.line()
-
-    def close(self) -> None:
-        self.writer.close()
-
-
 @contextlib.asynccontextmanager
-async def raws(path: Path, count: int, negotiate: bool = True) -> AsyncIterator[list[Raw]]:
-    clients: list[Raw] = []
+async def raws(path: Path, count: int, negotiate: bool = True) -> AsyncIterator[list[RawQmp]]:
+    clients: list[RawQmp] = []
     try:
         for _ in range(count):
-            clients.append(await Raw.connect(path, negotiate))
+            clients.append(await RawQmp.connect(path, negotiate))
         yield clients
     finally:
         for client in clients:
@@ -109,7 +75,7 @@ async def test_ids_that_cannot_be_echoed_get_an_error(tmp_path: Path) -> None:
 async def _round_trips(served: ServedBackend, seconds: float) -> list[float]:
     """QMP, vhost-user and vfio-user round trips, repeated for ``seconds``."""
     times: list[float] = []
-    qmp = await Raw.connect(served.qmp)
+    qmp = await RawQmp.connect(served.qmp, negotiate=True)
     fe = await FakeFrontend.connect(served.viommu)
     try:
         end = time.monotonic() + seconds

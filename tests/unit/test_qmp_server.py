@@ -18,6 +18,7 @@ from qemu.qmp import ExecuteError, QMPClient
 
 from pviommu.qmp import QmpError, QmpServer
 from pviommu.qmp import server as qmp_server
+from tests.fakes.qmp import RawQmp
 
 VERSION = {"qemu": {"major": 9, "minor": 2, "micro": 1}, "package": "pviommu-test"}
 NOT_NEGOTIATED = "Expecting capabilities negotiation with 'qmp_capabilities'"
@@ -26,37 +27,6 @@ TIMEOUT = 2.0
 
 def _pair(a: int, b: int) -> dict[str, int]:
     return {"sum": a + b}
-
-
-class Raw:
-    """A bare socket client that sees the exact bytes."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def connect(cls, path: Path) -> Raw:
-        reader, writer = await asyncio.open_unix_connection(str(path))
-        return cls(reader, writer)
-
-    async def line(self) -> dict[str, Any]:
-        raw = await asyncio.wait_for(self.reader.readline(), TIMEOUT)
-        assert raw.endswith(b"}\r\n"), raw
-        assert raw.isascii()
-        return json.loads(raw)
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def ask(self, data: bytes) -> dict[str, Any]:
-        await self.send(data)
-        return await self.line()
-
-    async def negotiate(self) -> None:
-        assert "QMP" in await self.line()
-        assert await self.ask(b'{"execute": "qmp_capabilities"}\n') == {"return": {}}
 
 
 @pytest.fixture
@@ -217,7 +187,7 @@ async def test_two_clients(server: QmpServer, connect: Callable[[], Awaitable[QM
 
 
 async def test_raw_protocol(server: QmpServer, sock: Path) -> None:
-    raw = await Raw.connect(sock)
+    raw = await RawQmp.connect(sock)
     assert await raw.line() == {"QMP": {"version": VERSION, "capabilities": []}}
     server.emit("EARLY")
 
@@ -280,7 +250,7 @@ async def test_oversized_request(sock: Path) -> None:
     server.register("add", lambda a: a["a"] + a["b"])
     await server.start_unix(str(sock))
     try:
-        big, small = await Raw.connect(sock), await Raw.connect(sock)
+        big, small = await RawQmp.connect(sock), await RawQmp.connect(sock)
         await big.negotiate()
         await small.negotiate()
         await big.send(b'{"execute": "add", "arguments": {"s": "' + b"x" * 2000)
@@ -297,7 +267,7 @@ async def test_oversized_request(sock: Path) -> None:
 async def test_an_incomplete_request_does_not_swallow_the_next(
     server: QmpServer, sock: Path
 ) -> None:
-    raw = await Raw.connect(sock)
+    raw = await RawQmp.connect(sock)
     await raw.negotiate()
     await raw.send(b"{\n")
     await asyncio.sleep(0.01)
@@ -309,7 +279,7 @@ async def test_an_incomplete_request_does_not_swallow_the_next(
 
 
 async def test_ids_that_cannot_be_echoed(server: QmpServer, sock: Path) -> None:
-    raw = await Raw.connect(sock)
+    raw = await RawQmp.connect(sock)
     await raw.negotiate()
     for bad_id, reason in [(b"1e999", "number '1e999' is out of range"),
                            (b"-1e999", "number '-1e999' is out of range"),
@@ -335,11 +305,11 @@ async def test_max_clients(sock: Path, caplog: pytest.LogCaptureFixture) -> None
     server = QmpServer(VERSION, max_clients=2)
     await server.start_unix(str(sock))
     try:
-        one, two = await Raw.connect(sock), await Raw.connect(sock)
+        one, two = await RawQmp.connect(sock), await RawQmp.connect(sock)
         await one.negotiate()
         await two.negotiate()
         for _ in range(3):
-            over = await Raw.connect(sock)
+            over = await RawQmp.connect(sock)
             assert await over.line() == {"error": {
                 "class": "GenericError", "desc": "Too many QMP clients (at most 2)"}}
             assert await asyncio.wait_for(over.reader.read(), TIMEOUT) == b""
@@ -350,7 +320,7 @@ async def test_max_clients(sock: Path, caplog: pytest.LogCaptureFixture) -> None
             if len(server._sessions) < 2:
                 break
             await asyncio.sleep(0.01)
-        three = await Raw.connect(sock)
+        three = await RawQmp.connect(sock)
         await three.negotiate()
         assert await two.ask(b'{"execute": "query-version"}') == {"return": VERSION}
         two.writer.close()
@@ -366,7 +336,7 @@ async def test_close_with_clients_logs_no_traceback(
     asyncio.get_running_loop().set_exception_handler(lambda _, ctx: errors.append(ctx))
     server = QmpServer(VERSION)
     await server.start_unix(str(sock))
-    idle, busy = await Raw.connect(sock), await Raw.connect(sock)
+    idle, busy = await RawQmp.connect(sock), await RawQmp.connect(sock)
     await idle.negotiate()
     await busy.send(b'{"execute": "qmp_cap')
     await asyncio.sleep(0.01)
@@ -384,7 +354,7 @@ async def test_dead_and_slow_clients(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(qmp_server, "_MAX_WRITE_BUFFER", 256 << 10)
-    dead, slow = await Raw.connect(sock), await Raw.connect(sock)
+    dead, slow = await RawQmp.connect(sock), await RawQmp.connect(sock)
     await dead.negotiate()
     await slow.negotiate()
     client = await connect()
@@ -410,7 +380,7 @@ async def test_close_and_stale_socket(sock: Path) -> None:
     stale.close()
     server = QmpServer(VERSION)
     await server.start_unix(str(sock))
-    raw = await Raw.connect(sock)
+    raw = await RawQmp.connect(sock)
     await raw.negotiate()
     await server.close()
     assert await asyncio.wait_for(raw.reader.read(), TIMEOUT) == b""
