@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeAlias
 
 from ... import irqfd
 from ...memory import GuestMemory, MemoryAccessError, RegionSpec
@@ -126,14 +127,14 @@ class VhostUserConnection:
     def handle(self, msg: p.Message) -> bytes | None:
         """Processes one message and returns the bytes to send back, if any."""
         self.stats[msg.name] += 1
-        handler = getattr(self, f"_do_{msg.name.lower()}", None)
+        handler = HANDLERS.get(msg.request)
         try:
             try:
                 if handler is None:
                     raise Refused("unknown or unsupported request")
                 if not self.owner and msg.request not in _BEFORE_OWNER:
                     raise Refused("sent before SET_OWNER")
-                payload = handler(msg)
+                payload = handler(self, msg)
             finally:
                 p.close_fds(msg.fds)
         except Exception as e:
@@ -461,6 +462,36 @@ class VhostUserConnection:
         if queue is not None:
             ring.base = queue.next_avail
         ring.started = False
+
+
+Handler: TypeAlias = Callable[[VhostUserConnection, p.Message], bytes | None]
+
+# Every request the back-end serves, and its handler (rust-vmm's backend_req_handler
+# match, as a table of plain functions: no per-connection bound methods to collect).
+# A request missing here is refused as unknown or unsupported.
+HANDLERS: dict[int, Handler] = {
+    R.GET_FEATURES: VhostUserConnection._do_get_features,
+    R.SET_FEATURES: VhostUserConnection._do_set_features,
+    R.SET_OWNER: VhostUserConnection._do_set_owner,
+    R.RESET_OWNER: VhostUserConnection._do_reset_owner,
+    R.GET_PROTOCOL_FEATURES: VhostUserConnection._do_get_protocol_features,
+    R.SET_PROTOCOL_FEATURES: VhostUserConnection._do_set_protocol_features,
+    R.GET_QUEUE_NUM: VhostUserConnection._do_get_queue_num,
+    R.SET_MEM_TABLE: VhostUserConnection._do_set_mem_table,
+    R.SET_VRING_NUM: VhostUserConnection._do_set_vring_num,
+    R.SET_VRING_ADDR: VhostUserConnection._do_set_vring_addr,
+    R.SET_VRING_BASE: VhostUserConnection._do_set_vring_base,
+    R.GET_VRING_BASE: VhostUserConnection._do_get_vring_base,
+    R.SET_VRING_KICK: VhostUserConnection._do_set_vring_kick,
+    R.SET_VRING_CALL: VhostUserConnection._do_set_vring_call,
+    R.SET_VRING_ERR: VhostUserConnection._do_set_vring_err,
+    R.SET_VRING_ENABLE: VhostUserConnection._do_set_vring_enable,
+    R.GET_CONFIG: VhostUserConnection._do_get_config,
+    R.SET_CONFIG: VhostUserConnection._do_set_config,
+    R.RESET_DEVICE: VhostUserConnection._do_reset_device,
+    R.SET_STATUS: VhostUserConnection._do_set_status,
+    R.GET_STATUS: VhostUserConnection._do_get_status,
+}
 
 
 class VhostUserServer:
