@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .devices.viommu import Fault, VirtioIommu
-from .dma import DmaFault
+from .devices.viommu import VirtioIommu
 from .endpoints import Endpoint, EndpointSpec
 from .iommu.dma_space import DomainDma
 from .iommu.pv import IommuConfig, PvIommu
@@ -152,13 +151,9 @@ class Backend:
                                "protocol-errors": self.vhost.stats["protocol_errors"],
                                "device-errors": self.vhost.stats["device_errors"]}}
 
-    def report_dma_fault(self, fault: DmaFault) -> None:
-        """The one fault path: a failed translation goes to the guest's event queue."""
-        self.device.report_fault(Fault.from_dma(fault))
-
     def endpoint_dma(self, endpoint: int, memory: GuestMemory) -> DomainDma:
         """The DMA space of ``endpoint``: translated by the PV-IOMMU, faults reported."""
-        return DomainDma(self.iommu, endpoint, memory, self.report_dma_fault)
+        return DomainDma(self.iommu, endpoint, memory, self.device.report_fault)
 
     async def start(self) -> None:
         """Listens on the vhost-user socket, the endpoints' sockets and the QMP socket.

@@ -3,38 +3,21 @@
 Virtqueues and device models read and write through a :class:`DmaSpace`;
 whatever sits in front of guest memory (nothing, a PV-IOMMU domain, an IOTLB
 and stage 2) decides how an address translates. A failed translation raises
-:class:`DmaFault`, an address outside guest memory raises
-:class:`~pviommu.memory.MemoryAccessError`; ``DMA_ERRORS`` catches both.
+:class:`~pviommu.iommu.faults.DmaFault` (re-exported here, with
+:class:`~pviommu.iommu.faults.Access`, for the device models), an address
+outside guest memory raises :class:`~pviommu.memory.MemoryAccessError`;
+``DMA_ERRORS`` catches both.
 """
 
 from __future__ import annotations
 
-import enum
 from typing import Protocol
 
+from .iommu.faults import Access, DmaFault
 from .memory import GuestMemory, MemoryAccessError, Piece, RemoteRange
 
-
-class Access(enum.IntFlag):
-    """The kind of DMA access (virtio-iommu fault flag values)."""
-
-    READ = 1
-    WRITE = 2
-    EXEC = 4
-
-
-class DmaFault(Exception):
-    """A translation failed: no mapping, wrong permission or no domain."""
-
-    def __init__(self, address: int, access: Access, reason: str,
-                 endpoint: int | None = None) -> None:
-        ep = f" endpoint {endpoint:#x}" if endpoint is not None else ""
-        super().__init__(f"{reason} fault{ep} at {address:#x} ({access.name})")
-        self.address = address
-        self.access = access
-        self.reason = reason
-        self.endpoint = endpoint
-
+__all__ = ["DMA_ERRORS", "Access", "DmaFault", "DmaSpace", "PhysicalDma", "load",
+           "local_views", "piece_len", "store"]
 
 DMA_ERRORS = (DmaFault, MemoryAccessError)
 

@@ -12,10 +12,10 @@ import logging
 import struct
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from ..dma import DMA_ERRORS, Access, DmaFault, DmaSpace
-from ..iommu.pv import FaultReason, Negotiated, PvIommu, Status
+from ..dma import DMA_ERRORS, DmaSpace
+from ..iommu.faults import Fault, FaultReason
+from ..iommu.pv import Negotiated, PvIommu, Status
 from ..virtio.device import VirtioDevice
 from ..virtio.features import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, bit
 from ..virtio.queue import Chain, SplitQueue, gather, scatter
@@ -65,24 +65,20 @@ _READABLE = {RequestType.ATTACH: _ATTACH.size, RequestType.DETACH: _DETACH.size,
              RequestType.PROBE: _PROBE.size}
 
 
-@dataclass(frozen=True)
-class Fault:
-    """A fault to report: which endpoint, where, what kind of access, why."""
+# virtio-iommu fault record reasons (VIRTIO_IOMMU_FAULT_R_*); the PV-IOMMU reports
+# no other reason.
+FAULT_R_UNKNOWN = 0
+FAULT_R_DOMAIN = 1
+FAULT_R_MAPPING = 2
+_FAULT_R = {FaultReason.UNKNOWN: FAULT_R_UNKNOWN, FaultReason.DOMAIN: FAULT_R_DOMAIN,
+            FaultReason.MAPPING: FAULT_R_MAPPING}
 
-    endpoint: int
-    address: int
-    access: Access
-    reason: FaultReason
 
-    @classmethod
-    def from_dma(cls, fault: DmaFault) -> Fault:
-        """The report of a failed translation."""
-        return cls(fault.endpoint or 0, fault.address, fault.access, FaultReason[fault.reason])
-
-    def record(self) -> bytes:
-        """The 24-byte ``virtio_iommu_fault`` record."""
-        flags = int(self.access) | FAULT_F_ADDRESS
-        return FAULT.pack(self.reason, flags, self.endpoint, 0, self.address)
+def fault_record(fault: Fault) -> bytes:
+    """The 24-byte ``virtio_iommu_fault`` record of ``fault``."""
+    flags = int(fault.access) | FAULT_F_ADDRESS
+    return FAULT.pack(_FAULT_R.get(fault.reason, FAULT_R_UNKNOWN), flags, fault.endpoint, 0,
+                      fault.address)
 
 
 FaultListener = Callable[[Fault, bool], None]
@@ -278,7 +274,7 @@ class VirtioIommu(VirtioDevice):
                 queue.push(chain, 0)
                 self.interrupt(EVENT_QUEUE)
                 return False
-            scatter(queue.dma, chain.writable, fault.record())
+            scatter(queue.dma, chain.writable, fault_record(fault))
             queue.push(chain, FAULT_SIZE)
         except Exception as e:  # noqa: BLE001 - any ring error breaks the device, not us
             self.fail(EVENT_QUEUE, str(e))

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..dma import DMA_ERRORS, Access, DmaFault
+from ..dma import DMA_ERRORS
 from ..memory import GuestMemory, Piece
+from .faults import Access, DmaFault, Fault
 from .pv import PvIommu
 
-FaultReport = Callable[[DmaFault], None]
+FaultReport = Callable[[Fault], None]
 
 
 class DomainDma:
@@ -33,7 +34,7 @@ class DomainDma:
             return self.iommu.translate(self.endpoint, addr, length, access)
         except DmaFault as fault:
             if self.report is not None:
-                self.report(fault)
+                self.report(fault.fault)
             raise
 
     @property

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from ..dma import Access, DmaFault
+from .faults import Access, DmaFault, Fault, FaultReason
 from .mappings import MAP_F_MMIO, MAP_F_READ, MAP_F_WRITE, Mapping, MappingTree
 
 log = logging.getLogger(__name__)
@@ -43,14 +43,6 @@ class ResvType(enum.IntEnum):
 
     RESERVED = 0
     MSI = 1
-
-
-class FaultReason(enum.IntEnum):
-    """virtio-iommu fault reasons."""
-
-    UNKNOWN = 0
-    DOMAIN = 1
-    MAPPING = 2
 
 
 @dataclass(frozen=True)
@@ -380,13 +372,13 @@ class PvIommu:
         ``dma`` False is a lookup, not a DMA: an armed revocation ignores it.
         """
         if not self.endpoint_exists(endpoint):
-            raise DmaFault(iova, access, FaultReason.UNKNOWN.name, endpoint)
+            raise DmaFault(Fault(endpoint, iova, access, FaultReason.UNKNOWN))
         domain = self.attached.get(endpoint)
         if domain is None:
             # Bypass mode needs BYPASS_CONFIG *offered*, not negotiated (spec 1.3).
             if self.bypass and self.config.bypass_config:
                 return [(iova, length)]
-            raise DmaFault(iova, access, FaultReason.DOMAIN.name, endpoint)
+            raise DmaFault(Fault(endpoint, iova, access, FaultReason.DOMAIN))
         dom = self.domains[domain]
         if dom.bypass:
             return [(iova, length)]
@@ -401,7 +393,7 @@ class PvIommu:
         while addr < end:
             m = dom.mappings.find(addr)
             if m is None or m.flags & need != need:
-                raise DmaFault(addr, access, FaultReason.MAPPING.name, endpoint)
+                raise DmaFault(Fault(endpoint, addr, access, FaultReason.MAPPING))
             n = min(end, m.virt_end + 1) - addr
             out.append((m.translate(addr), n))
             addr += n

@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ..devices.viommu import Fault, VirtioIommu
-from ..dma import Access
+from ..devices.viommu import VirtioIommu
+from ..iommu.faults import Access, Fault, FaultReason
 from ..iommu.mappings import MAP_F_MMIO, MAP_F_READ, MAP_F_WRITE
-from ..iommu.pv import ArmedRevocation, FaultReason, PvIommu
+from ..iommu.pv import ArmedRevocation, PvIommu
 from .server import QmpError, QmpServer
 
 EVENT_FAULT = "IOMMU_FAULT"

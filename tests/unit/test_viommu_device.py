@@ -20,8 +20,9 @@ from pviommu.devices.viommu import (
 )
 from pviommu.dma import Access, DmaFault, PhysicalDma
 from pviommu.iommu.dma_space import DomainDma
+from pviommu.iommu.faults import FaultReason
 from pviommu.iommu.mappings import MAP_F_READ, MAP_F_WRITE
-from pviommu.iommu.pv import FaultReason, IommuConfig, PvIommu, ResvRegion
+from pviommu.iommu.pv import IommuConfig, PvIommu, ResvRegion
 from pviommu.virtio.features import (
     F_EVENT_IDX,
     F_INDIRECT_DESC,
@@ -554,7 +555,7 @@ def test_report_fault_into_a_larger_buffer_writes_24_bytes(rig):
 
 def test_fault_from_a_failed_translation(rig, memory):
     head = rig.post_event_buffer()
-    dma = DomainDma(rig.iommu, EP, memory, lambda f: rig.dev.report_fault(Fault.from_dma(f)))
+    dma = DomainDma(rig.iommu, EP, memory, rig.dev.report_fault)
     with pytest.raises(DmaFault):
         dma.write(0x5000, b"x")
     assert rig.evt.used() == [(head, 24)]
