@@ -14,19 +14,20 @@ from typing import Any
 from . import __version__
 from .devices.viommu import VirtioIommu
 from .endpoints import Endpoint, EndpointSpec
+from .events import DeviceNeedsReset, EventBus, MappingRevoked, RevokedMemoryChecked
 from .iommu.dma_space import DomainDma
 from .iommu.pv import IommuConfig, PvIommu
 from .memory import GuestMemory, MemoryAccessError
 from .qmp.server import MAX_CLIENTS as QMP_MAX_CLIENTS
 from .qmp.server import QmpServer
+from .qmp.viommu import EVENT_NEEDS_RESET as EVENT_NEEDS_RESET
+from .qmp.viommu import EVENT_REVOKED as EVENT_REVOKED
 from .qmp.viommu import ViommuCommands, check_args
 from .transport.vfio_user.server import DEFAULT_MAX_DMA_MAPS
 from .transport.vhost_user.backend import VhostUserServer
 
 log = logging.getLogger(__name__)
 
-EVENT_REVOKED = "IOMMU_MAPPING_REVOKED"
-EVENT_NEEDS_RESET = "DEVICE_NEEDS_RESET"
 # The largest revoked mapping whose memory is digested (hashing blocks the loop).
 REVOKED_DIGEST_MAX = 64 << 20
 
@@ -67,6 +68,9 @@ def _qmp_version() -> dict[str, Any]:
 class Backend:
     """Owns the PV-IOMMU state, its vhost-user server and its QMP server.
 
+    Everything that happens is published on ``events``; QMP is one listener of it
+    (docs/QMP.md), the revocation digest another.
+
     Use ``async with Backend(config) as backend:``; leaving the block closes
     both sockets.
     """
@@ -76,13 +80,15 @@ class Backend:
         if len(set(ids)) != len(ids):
             raise ValueError(f"two endpoint devices share an endpoint ID: {ids}")
         self.config = config
-        self.iommu = PvIommu(config.iommu, config.endpoint_ids())
-        self.device = VirtioIommu(self.iommu)
+        self.events = EventBus()
+        self.iommu = PvIommu(config.iommu, config.endpoint_ids(), self.events)
+        self.device = VirtioIommu(self.iommu, self.events)
         self.vhost = VhostUserServer(config.viommu_socket, self.device,
                                      allow_unsealed_memory=config.allow_unsealed_memory,
                                      group=config.socket_group)
         self.qmp = QmpServer(_qmp_version(), max_clients=config.qmp_max_clients)
-        self.commands = ViommuCommands(self.qmp, self.iommu, self.device, self._transport_stats)
+        self.commands = ViommuCommands(self.qmp, self.iommu, self.device, self._transport_stats,
+                                       self.events)
         self.endpoints = {
             d.endpoint: Endpoint(d, self.endpoint_dma, max_dma_maps=config.max_dma_maps,
                                  socket_group=config.socket_group,
@@ -90,26 +96,19 @@ class Backend:
             for d in config.devices}
         self.qmp.register("query-endpoint-devices", self._query_devices,
                           doc="The backend's DMA endpoint devices and their counters")
-        previous = self.iommu.on_event
-
-        def on_event(kind: str, data: dict[str, int]) -> None:
-            if previous is not None:
-                previous(kind, data)
-            if kind == "revoked":
-                self._check_revoked(data)
-        self.iommu.on_event = on_event
+        self.events.listen(self._check_revoked, MappingRevoked)
         self._announce_needs_reset()
 
     def _announce_needs_reset(self) -> None:
-        """Every device that enters NEEDS_RESET sends DEVICE_NEEDS_RESET: the guest's
-        driver may never say (Linux's virtio drivers wait for the device forever)."""
-        def hook(data: dict[str, Any]) -> Callable[[int, str], None]:
-            return lambda queue, reason: self.qmp.emit(
-                EVENT_NEEDS_RESET, {**data, "queue": queue, "reason": reason})
-        self.device.on_needs_reset = hook({"kind": "iommu"})
+        """Every device that enters NEEDS_RESET publishes DeviceNeedsReset (QMP
+        DEVICE_NEEDS_RESET): the guest's driver may never say (Linux's virtio drivers
+        wait for the device forever)."""
+        def announcer(kind: str, endpoint: int | None) -> Callable[[int, str], None]:
+            return lambda queue, reason: self.events.publish(
+                DeviceNeedsReset(kind, queue, reason, endpoint))
+        self.device.on_needs_reset = announcer("iommu", None)
         for ep in self.endpoints.values():
-            ep.device.on_needs_reset = hook({"endpoint": ep.spec.endpoint,
-                                             "kind": ep.spec.kind})
+            ep.device.on_needs_reset = announcer(ep.spec.kind, ep.spec.endpoint)
 
     def _query_devices(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         check_args(args, {})
@@ -124,20 +123,16 @@ class Backend:
         except MemoryAccessError:
             return None
 
-    def _check_revoked(self, data: dict[str, int]) -> None:
-        """Announces a revoked mapping with a digest of the guest memory behind it taken
-        now and again once the device finished the request that faulted on it."""
-        size = data["virt_end"] - data["virt_start"] + 1
-        before = self._revoked_digest(data["endpoint"], data["phys_start"], size)
+    def _check_revoked(self, event: MappingRevoked) -> None:
+        """Publishes RevokedMemoryChecked (QMP IOMMU_MAPPING_REVOKED) with a digest of
+        the guest memory behind a revoked mapping, taken now and again once the device
+        finished the request that faulted on it."""
+        r = event.revoked
+        before = self._revoked_digest(r.endpoint, r.phys_start, r.size)
 
         def after() -> None:
-            now = self._revoked_digest(data["endpoint"], data["phys_start"], size)
-            self.qmp.emit(EVENT_REVOKED, {
-                "endpoint": data["endpoint"], "domain": data["domain"],
-                "virt-start": data["virt_start"], "virt-end": data["virt_end"],
-                "phys-start": data["phys_start"], "sha256-before": before,
-                "sha256-after": now,
-                "memory-unchanged": None if before is None or now is None else before == now})
+            now = self._revoked_digest(r.endpoint, r.phys_start, r.size)
+            self.events.publish(RevokedMemoryChecked(r, before, now))
         # Runs after the request that faulted has completed (requests whose memory
         # is local finish within one step of the event loop).
         try:

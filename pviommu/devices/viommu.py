@@ -11,9 +11,9 @@ import enum
 import logging
 import struct
 from collections import Counter
-from collections.abc import Callable
 
 from ..dma import DMA_ERRORS, DmaSpace
+from ..events import EventBus, FaultRecorded
 from ..iommu.faults import Fault, FaultReason
 from ..iommu.pv import Negotiated, PvIommu, Status
 from ..virtio.device import VirtioDevice
@@ -81,23 +81,24 @@ def fault_record(fault: Fault) -> bytes:
                       fault.address)
 
 
-FaultListener = Callable[[Fault, bool], None]
-
-
 class VirtioIommu(VirtioDevice):
-    """The virtio-iommu device model over a :class:`PvIommu`."""
+    """The virtio-iommu device model over a :class:`PvIommu`.
+
+    Every fault it reports is published on ``events`` (by default the IOMMU's) as
+    :class:`~pviommu.events.FaultRecorded`.
+    """
 
     device_id = DEVICE_ID
     num_queues = 2
     name = "virtio-iommu"
 
-    def __init__(self, iommu: PvIommu) -> None:
+    def __init__(self, iommu: PvIommu, events: EventBus | None = None) -> None:
         super().__init__()
         self.iommu = iommu
+        self.events = events if events is not None else iommu.events
         self.requests: Counter[tuple[str, str]] = Counter()
         self.faults_reported = 0
         self.faults_dropped = 0
-        self.fault_listeners: list[FaultListener] = []
 
     # -- features and config --------------------------------------------------------
 
@@ -256,8 +257,7 @@ class VirtioIommu(VirtioDevice):
         log.info("fault %s from endpoint %#x at %#x (%s): %s", fault.reason.name,
                  fault.endpoint, fault.address, fault.access.name,
                  "reported" if delivered else "dropped")
-        for listener in self.fault_listeners:
-            listener(fault, delivered)
+        self.events.publish(FaultRecorded(fault, delivered))
         return delivered
 
     def _deliver(self, fault: Fault) -> bool:

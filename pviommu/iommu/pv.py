@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from ..events import EndpointAttached, EndpointDetached, EventBus, MappingRevoked
 from .faults import Access, DmaFault, Fault, FaultReason
 from .mappings import MAP_F_MMIO, MAP_F_READ, MAP_F_WRITE, Mapping, MappingTree
+from .translation import Revoked
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +135,6 @@ class Negotiated:
     input_range: bool = True
 
 
-EventSink = Callable[[str, dict[str, int]], None]
-
-
 @dataclass(frozen=True)
 class ArmedRevocation:
     """Revoke the mapping under ``endpoint``'s next DMA of at least ``min_length`` bytes
@@ -154,16 +153,17 @@ class PvIommu:
     """Endpoints and domains of one PV-IOMMU.
 
     ``endpoints`` lists the endpoint IDs that exist (ATTACH of another gets
-    NOENT); None means every ID exists. ``on_event`` hears ``attached`` and
-    ``detached`` with {domain, endpoint}.
+    NOENT); None means every ID exists. ``events`` hears
+    :class:`~pviommu.events.EndpointAttached` and
+    :class:`~pviommu.events.EndpointDetached`.
     """
 
     def __init__(self, config: IommuConfig | None = None,
                  endpoints: Iterable[int] | None = None,
-                 on_event: EventSink | None = None) -> None:
+                 events: EventBus | None = None) -> None:
         self.config = config or IommuConfig()
         self.known = None if endpoints is None else set(endpoints)
-        self.on_event = on_event
+        self.events = events if events is not None else EventBus()
         self.attached: dict[int, int] = {}  # endpoint ID -> domain ID
         self.domains: dict[int, Domain] = {}
         self.negotiated = Negotiated(mmio=self.config.mmio,
@@ -219,10 +219,6 @@ class PvIommu:
             return Status.INVAL
         return dom
 
-    def _emit(self, event: str, domain: int, endpoint: int, **extra: int) -> None:
-        if self.on_event is not None:
-            self.on_event(event, {"domain": domain, "endpoint": endpoint, **extra})
-
     # -- requests ---------------------------------------------------------------
 
     def attach(self, domain: int, endpoint: int, flags: int, reserved_zero: bool = True
@@ -254,7 +250,7 @@ class PvIommu:
         self.attached[endpoint] = domain
         log.info("endpoint %#x attached to domain %d%s", endpoint, domain,
                  " (bypass)" if bypass else "")
-        self._emit("attached", domain, endpoint)
+        self.events.publish(EndpointAttached(domain, endpoint))
         return Status.OK
 
     def detach(self, domain: int, endpoint: int) -> Status:
@@ -278,7 +274,7 @@ class PvIommu:
             self.mapping_count -= len(dom.mappings)
             del self.domains[domain]
         log.info("endpoint %#x detached from domain %d", endpoint, domain)
-        self._emit("detached", domain, endpoint)
+        self.events.publish(EndpointDetached(domain, endpoint))
 
     def map(self, domain: int, virt_start: int, virt_end: int, phys_start: int,
             flags: int) -> Status:
@@ -339,7 +335,7 @@ class PvIommu:
 
     # -- host-side revocation ------------------------------------------------------
 
-    def revoke(self, endpoint: int, iova: int) -> Mapping | None:
+    def revoke(self, endpoint: int, iova: int) -> Revoked | None:
         """Takes away, behind the guest's back, the mapping that holds ``iova`` in
         ``endpoint``'s domain; returns it (None if there is none)."""
         domain = self.attached.get(endpoint)
@@ -354,9 +350,9 @@ class PvIommu:
         self.generation += 1
         log.warning("revoked mapping %#x-%#x -> %#x of domain %d (endpoint %#x)",
                     m.virt_start, m.virt_end, m.phys_start, dom.id, endpoint)
-        self._emit("revoked", dom.id, endpoint, virt_start=m.virt_start, virt_end=m.virt_end,
-                   phys_start=m.phys_start, flags=m.flags)
-        return m
+        revoked = Revoked(endpoint, dom.id, m.virt_start, m.virt_end, m.phys_start)
+        self.events.publish(MappingRevoked(revoked))
+        return revoked
 
     def arm_revocation(self, armed: ArmedRevocation) -> None:
         """The next matching DMA of ``armed.endpoint`` loses its mapping, then faults."""

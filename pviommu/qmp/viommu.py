@@ -10,6 +10,15 @@ from collections.abc import Callable
 from typing import Any
 
 from ..devices.viommu import VirtioIommu
+from ..events import (
+    DeviceNeedsReset,
+    EndpointAttached,
+    EndpointDetached,
+    EventBus,
+    EventListener,
+    FaultRecorded,
+    RevokedMemoryChecked,
+)
 from ..iommu.faults import Access, Fault, FaultReason
 from ..iommu.mappings import MAP_F_MMIO, MAP_F_READ, MAP_F_WRITE
 from ..iommu.pv import ArmedRevocation, PvIommu
@@ -18,7 +27,8 @@ from .server import QmpError, QmpServer
 EVENT_FAULT = "IOMMU_FAULT"
 EVENT_ATTACHED = "IOMMU_ENDPOINT_ATTACHED"
 EVENT_DETACHED = "IOMMU_ENDPOINT_DETACHED"
-_EVENTS = {"attached": EVENT_ATTACHED, "detached": EVENT_DETACHED}
+EVENT_REVOKED = "IOMMU_MAPPING_REVOKED"
+EVENT_NEEDS_RESET = "DEVICE_NEEDS_RESET"
 
 _ACCESS = {"read": Access.READ, "write": Access.WRITE, "exec": Access.EXEC}
 _REASON = {"unknown": FaultReason.UNKNOWN, "domain": FaultReason.DOMAIN,
@@ -68,11 +78,54 @@ def fault_event(fault: Fault, delivered: bool) -> dict[str, Any]:
             "reason": fault.reason.name.lower(), "delivered": delivered}
 
 
+class QmpEvents:
+    """The QMP listener of an event bus: each typed event becomes the QMP event
+    docs/QMP.md names, with the same data."""
+
+    def __init__(self, server: QmpServer) -> None:
+        self.server = server
+        self._encoders: dict[type, Callable[[Any], tuple[str, dict[str, Any]]]] = {
+            EndpointAttached: lambda e: (EVENT_ATTACHED,
+                                         {"domain": e.domain, "endpoint": e.endpoint}),
+            EndpointDetached: lambda e: (EVENT_DETACHED,
+                                         {"domain": e.domain, "endpoint": e.endpoint}),
+            FaultRecorded: lambda e: (EVENT_FAULT, fault_event(e.fault, e.delivered)),
+            DeviceNeedsReset: lambda e: (EVENT_NEEDS_RESET, needs_reset_event(e)),
+            RevokedMemoryChecked: lambda e: (EVENT_REVOKED, revoked_event(e)),
+        }
+
+    def listener(self) -> EventListener:
+        """A listener for the events this class encodes."""
+        return EventListener(self.send, *self._encoders)
+
+    def send(self, event: object) -> None:
+        """Emits ``event`` to every QMP client."""
+        name, data = self._encoders[type(event)](event)
+        self.server.emit(name, data)
+
+
+def needs_reset_event(event: DeviceNeedsReset) -> dict[str, Any]:
+    """The data of a DEVICE_NEEDS_RESET event (no ``endpoint`` for the IOMMU itself)."""
+    data: dict[str, Any] = {} if event.endpoint is None else {"endpoint": event.endpoint}
+    return {**data, "kind": event.kind, "queue": event.queue, "reason": event.reason}
+
+
+def revoked_event(event: RevokedMemoryChecked) -> dict[str, Any]:
+    """The data of an IOMMU_MAPPING_REVOKED event."""
+    r, before, after = event.revoked, event.sha256_before, event.sha256_after
+    return {"endpoint": r.endpoint, "domain": r.domain, "virt-start": r.virt_start,
+            "virt-end": r.virt_end, "phys-start": r.phys_start, "sha256-before": before,
+            "sha256-after": after,
+            "memory-unchanged": None if before is None or after is None else before == after}
+
+
 class ViommuCommands:
-    """Registers the PV-IOMMU commands and events on a QMP server."""
+    """Registers the PV-IOMMU commands on a QMP server, and its QMP listener on
+    ``events`` (by default the IOMMU's bus)."""
 
     def __init__(self, server: QmpServer, iommu: PvIommu, device: VirtioIommu,
-                 extra_stats: Callable[[], dict[str, Any]] | None = None) -> None:
+                 extra_stats: Callable[[], dict[str, Any]] | None = None,
+                 events: EventBus | None = None) -> None:
         self.server = server
         self.iommu = iommu
         self.device = device
@@ -88,18 +141,8 @@ class ViommuCommands:
              "Take a live mapping away from an endpoint's domain"),
         ):
             server.register(name, handler, doc=doc)
-        device.fault_listeners.append(self._on_fault)
-        previous = iommu.on_event
-
-        def on_event(kind: str, data: dict[str, int]) -> None:
-            if previous is not None:
-                previous(kind, data)
-            if kind in _EVENTS:
-                server.emit(_EVENTS[kind], dict(data))
-        iommu.on_event = on_event
-
-    def _on_fault(self, fault: Fault, delivered: bool) -> None:
-        self.server.emit(EVENT_FAULT, fault_event(fault, delivered))
+        self.events = events if events is not None else iommu.events
+        self.events.register(QmpEvents(server).listener())
 
     def query_domains(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         """``query-viommu-domains``: every domain."""

@@ -5,8 +5,10 @@ import pytest
 
 from pviommu.backend import Backend, BackendConfig
 from pviommu.dma import Access, DmaFault, load, local_views, store
+from pviommu.events import FaultRecorded, MappingRevoked
 from pviommu.iommu.mappings import MAP_F_READ, MAP_F_WRITE
 from pviommu.iommu.pv import ATTACH_F_BYPASS, ArmedRevocation, Status
+from pviommu.iommu.translation import Revoked
 from pviommu.memory import GuestMemory, MemoryAccessError, RegionSpec
 from tests.fakes.dma import FakeRemote
 from tests.fakes.memfd import sealed_memfd
@@ -30,7 +32,7 @@ def memory():
 def backend(tmp_path):
     b = Backend(BackendConfig(viommu_socket=tmp_path / "v.sock", endpoints=[EP, 0x18]))
     faults = []
-    b.device.fault_listeners.append(lambda f, delivered: faults.append((f, delivered)))
+    b.events.listen(lambda e: faults.append((e.fault, e.delivered)), FaultRecorded)
     return b, faults
 
 
@@ -122,7 +124,7 @@ async def test_resolve_translates_everything_first_and_pieces_reach_local_and_re
 def test_an_armed_revocation_takes_the_mapping_under_the_next_big_dma(backend, memory):
     b, faults = backend
     events = []
-    b.iommu.on_event = lambda kind, data: events.append((kind, data))
+    b.events.listen(events.append, MappingRevoked)
     b.iommu.attach(1, EP, 0)
     b.iommu.map(1, 0x10000, 0x10FFF, GPA, MAP_F_READ | MAP_F_WRITE)
     b.iommu.map(1, 0x20000, 0x20FFF, GPA + 0x1000, MAP_F_READ | MAP_F_WRITE)
@@ -135,9 +137,7 @@ def test_an_armed_revocation_takes_the_mapping_under_the_next_big_dma(backend, m
     assert info.value.reason == "MAPPING" and info.value.address == 0x20010
     assert [m.virt_start for m in b.iommu.domains[1].mappings] == [0x10000]
     assert b.iommu.mapping_count == 1 and not b.iommu.armed
-    assert events[-1] == ("revoked", {"domain": 1, "endpoint": EP, "virt_start": 0x20000,
-                                      "virt_end": 0x20FFF, "phys_start": GPA + 0x1000,
-                                      "flags": MAP_F_READ | MAP_F_WRITE})
+    assert events == [MappingRevoked(Revoked(EP, 1, 0x20000, 0x20FFF, GPA + 0x1000))]
     assert len(faults) == 1
     # the guest's own UNMAP of the revoked range later finds nothing and succeeds
     assert b.iommu.unmap(1, 0x20000, 0x20FFF) == Status.OK

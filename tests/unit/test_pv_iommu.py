@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pviommu.dma import Access, DmaFault
+from pviommu.events import EndpointAttached, EndpointDetached, EventBus
 from pviommu.iommu.mappings import MAP_F_MMIO, MAP_F_READ, MAP_F_WRITE
 from pviommu.iommu.pv import (
     ATTACH_F_BYPASS,
@@ -23,11 +24,11 @@ RW = MAP_F_READ | MAP_F_WRITE
 MSI = (0x08090000, 0x0809FFFF)
 
 
-def _iommu(**cfg) -> tuple[PvIommu, list[tuple[str, dict[str, int]]]]:
-    events: list[tuple[str, dict[str, int]]] = []
-    iommu = PvIommu(IommuConfig(**cfg), endpoints=[EP, EP2, EP3],
-                    on_event=lambda name, data: events.append((name, data)))
-    return iommu, events
+def _iommu(**cfg) -> tuple[PvIommu, list[object]]:
+    events: list[object] = []
+    bus = EventBus()
+    bus.listen(events.append)
+    return PvIommu(IommuConfig(**cfg), endpoints=[EP, EP2, EP3], events=bus), events
 
 
 @pytest.fixture
@@ -592,13 +593,8 @@ def test_attach_and_detach_events():
     iommu.detach(2, EP)
     iommu.attach(1, UNKNOWN_EP, 0)  # failed: no event
     iommu.detach(2, EP)  # failed: no event
-    assert events == [
-        ("attached", {"domain": 1, "endpoint": EP}),
-        ("attached", {"domain": 1, "endpoint": EP2}),
-        ("detached", {"domain": 1, "endpoint": EP}),
-        ("attached", {"domain": 2, "endpoint": EP}),
-        ("detached", {"domain": 2, "endpoint": EP}),
-    ]
+    assert events == [EndpointAttached(1, EP), EndpointAttached(1, EP2),
+                      EndpointDetached(1, EP), EndpointAttached(2, EP), EndpointDetached(2, EP)]
 
 
 def test_device_reset_drops_domains_and_keeps_bypass():
@@ -611,8 +607,8 @@ def test_device_reset_drops_domains_and_keeps_bypass():
     iommu.reset()
     assert iommu.domains == {}
     assert iommu.attached == {}
-    assert sorted((n, d["domain"], d["endpoint"]) for n, d in events) == [
-        ("detached", 1, EP), ("detached", 2, EP2)]
+    assert sorted(events, key=lambda e: e.domain) == [EndpointDetached(1, EP),
+                                                      EndpointDetached(2, EP2)]
     assert iommu.bypass is True  # unchanged by a device reset
     assert iommu.translate(EP, 0x1000, 4, Access.READ) == [(0x1000, 4)]
     assert iommu.map(1, 0x1000, 0x1FFF, 0, RW) == Status.NOENT
@@ -715,7 +711,7 @@ def test_attach_beyond_max_domains_is_nomem():
     assert iommu.attach(1, EP2, 0) == Status.OK  # an existing domain costs nothing
     assert iommu.attach(2, EP, 0) == Status.NOMEM  # EP stays where it was
     assert iommu.attached[EP] == 1
-    assert [name for name, _ in events] == ["attached", "attached"]
+    assert [type(e) for e in events] == [EndpointAttached, EndpointAttached]
 
 
 def test_limits_must_be_positive():

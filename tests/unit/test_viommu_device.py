@@ -19,6 +19,7 @@ from pviommu.devices.viommu import (
     VirtioIommu,
 )
 from pviommu.dma import Access, DmaFault, PhysicalDma
+from pviommu.events import FaultRecorded
 from pviommu.iommu.dma_space import DomainDma
 from pviommu.iommu.faults import FaultReason
 from pviommu.iommu.mappings import MAP_F_READ, MAP_F_WRITE
@@ -528,7 +529,7 @@ def test_reset_without_bypass_config_offered_forgets_the_bypass_flag(memory):
 def test_report_fault_writes_the_record_and_interrupts(rig):
     head = rig.post_event_buffer(24)
     seen = []
-    rig.dev.fault_listeners.append(lambda f, delivered: seen.append((f, delivered)))
+    rig.dev.events.listen(lambda e: seen.append((e.fault, e.delivered)), FaultRecorded)
     fault = Fault(EP, 0x0123_4567_89AB_CDEF, Access.WRITE, FaultReason.MAPPING)
     assert rig.dev.report_fault(fault) is True
     assert rig.evt.used() == [(head, 24)]
@@ -579,7 +580,7 @@ def test_fault_without_an_event_buffer_is_dropped(rig):
 
 def test_fault_into_a_too_small_buffer_is_dropped(rig):
     seen = []
-    rig.dev.fault_listeners.append(lambda f, delivered: seen.append(delivered))
+    rig.dev.events.listen(lambda e: seen.append(e.delivered), FaultRecorded)
     head = rig.post_event_buffer(16)
     assert rig.dev.report_fault(Fault(EP, 0x1000, Access.READ, FaultReason.DOMAIN)) is False
     assert rig.evt.used() == [(head, 0)]  # returned unwritten
