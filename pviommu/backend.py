@@ -15,8 +15,9 @@ from . import __version__
 from .devices.viommu import VirtioIommu
 from .endpoints import Endpoint, EndpointSpec
 from .events import DeviceNeedsReset, EventBus, MappingRevoked, RevokedMemoryChecked
-from .iommu.dma_space import DomainDma
+from .iommu.dma_space import TranslatedDma
 from .iommu.pv import IommuConfig, PvIommu
+from .iommu.revocation import Revocations
 from .memory import GuestMemory, MemoryAccessError
 from .qmp.server import MAX_CLIENTS as QMP_MAX_CLIENTS
 from .qmp.server import QmpServer
@@ -83,12 +84,13 @@ class Backend:
         self.events = EventBus()
         self.iommu = PvIommu(config.iommu, config.endpoint_ids(), self.events)
         self.device = VirtioIommu(self.iommu, self.events)
+        self.revocations = Revocations(self.iommu, self.events)
         self.vhost = VhostUserServer(config.viommu_socket, self.device,
                                      allow_unsealed_memory=config.allow_unsealed_memory,
                                      group=config.socket_group)
         self.qmp = QmpServer(_qmp_version(), max_clients=config.qmp_max_clients)
         self.commands = ViommuCommands(self.qmp, self.iommu, self.device, self._transport_stats,
-                                       self.events)
+                                       self.events, self.revocations)
         self.endpoints = {
             d.endpoint: Endpoint(d, self.endpoint_dma, max_dma_maps=config.max_dma_maps,
                                  socket_group=config.socket_group,
@@ -146,9 +148,11 @@ class Backend:
                                "protocol-errors": self.vhost.stats["protocol_errors"],
                                "device-errors": self.vhost.stats["device_errors"]}}
 
-    def endpoint_dma(self, endpoint: int, memory: GuestMemory) -> DomainDma:
-        """The DMA space of ``endpoint``: translated by the PV-IOMMU, faults reported."""
-        return DomainDma(self.iommu, endpoint, memory, self.device.report_fault)
+    def endpoint_dma(self, endpoint: int, memory: GuestMemory) -> TranslatedDma:
+        """The DMA space of ``endpoint``: translated by the PV-IOMMU, revocable, and its
+        faults reported to the guest's event queue (the one fault path)."""
+        return TranslatedDma(self.iommu, endpoint, memory, self.device.report_fault,
+                             self.revocations)
 
     async def start(self) -> None:
         """Listens on the vhost-user socket, the endpoints' sockets and the QMP socket.

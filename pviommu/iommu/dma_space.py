@@ -1,10 +1,11 @@
-"""The DMA space of an endpoint behind the PV-IOMMU.
+"""The DMA space of an endpoint behind an IOMMU, whatever its translation mode.
 
-Every access is translated through the endpoint's domain before guest memory
-is touched; a failed translation is reported (to the guest's event queue, via
-``report``) and raised, so that the device completes its request with its own
-error status. Nothing outside the domain's mappings is read or written: all
-pieces of an access are translated first, then copied.
+Every access is translated by the endpoint's :class:`~pviommu.iommu.translation.Translator`
+before guest memory is touched; a failed translation is reported (``report``:
+to the guest's event queue, QMP...) and raised, so that the device completes
+its request with its own error status. Nothing the translation refuses is read
+or written: all pieces of an access are translated first, then copied. An
+armed revocation (``revocations``) sees every DMA before it is translated.
 """
 
 from __future__ import annotations
@@ -14,24 +15,29 @@ from collections.abc import Callable
 from ..dma import DMA_ERRORS
 from ..memory import GuestMemory, Piece
 from .faults import Access, DmaFault, Fault
-from .pv import PvIommu
+from .revocation import Revocations
+from .translation import Translator
 
-FaultReport = Callable[[Fault], None]
+FaultReport = Callable[[Fault], object]
 
 
-class DomainDma:
-    """What endpoint ``endpoint`` sees: I/O virtual addresses of its domain."""
+class TranslatedDma:
+    """What endpoint ``endpoint`` sees: I/O virtual addresses, translated by ``translator``."""
 
-    def __init__(self, iommu: PvIommu, endpoint: int, memory: GuestMemory,
-                 report: FaultReport | None = None) -> None:
-        self.iommu = iommu
+    def __init__(self, translator: Translator, endpoint: int, memory: GuestMemory,
+                 report: FaultReport | None = None,
+                 revocations: Revocations | None = None) -> None:
+        self.translator = translator
         self.endpoint = endpoint
         self.memory = memory
         self.report = report
+        self.revocations = revocations
 
     def _translate(self, addr: int, length: int, access: Access) -> list[tuple[int, int]]:
+        if self.revocations is not None:
+            self.revocations.before_dma(self.endpoint, addr, length, access)
         try:
-            return self.iommu.translate(self.endpoint, addr, length, access)
+            return self.translator.translate(self.endpoint, addr, length, access)
         except DmaFault as fault:
             if self.report is not None:
                 self.report(fault.fault)
@@ -41,13 +47,13 @@ class DomainDma:
     def generation(self) -> int:
         """Changes whenever a translation given out before may no longer hold (both
         counters only grow, so their sum changes whenever either does)."""
-        return self.memory.generation + self.iommu.generation
+        return self.memory.generation + self.translator.generation
 
     def try_view(self, addr: int, length: int, access: Access) -> memoryview | None:
         """One local view of the translated range, or None; faults are not reported and
         the lookup is no DMA (an armed revocation waits for a real one)."""
         try:
-            pieces = self.iommu.translate(self.endpoint, addr, length, access, dma=False)
+            pieces = self.translator.translate(self.endpoint, addr, length, access)
             if len(pieces) != 1:
                 return None
             piece = self.memory.piece(pieces[0][0], length, bool(access & Access.WRITE))
@@ -76,3 +82,7 @@ class DomainDma:
         for view in views:
             view[:] = src[pos:pos + len(view)]
             pos += len(view)
+
+
+DomainDma = TranslatedDma
+"""The name PV-mode callers know it by (an endpoint's DMA space in its domain)."""

@@ -13,10 +13,10 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from ..events import EndpointAttached, EndpointDetached, EventBus, MappingRevoked
+from ..events import EndpointAttached, EndpointDetached, EventBus
 from .faults import Access, DmaFault, Fault, FaultReason
 from .mappings import MAP_F_MMIO, MAP_F_READ, MAP_F_WRITE, Mapping, MappingTree
-from .translation import Revoked
+from .translation import Revoked, TranslationMiss
 
 log = logging.getLogger(__name__)
 
@@ -135,22 +135,10 @@ class Negotiated:
     input_range: bool = True
 
 
-@dataclass(frozen=True)
-class ArmedRevocation:
-    """Revoke the mapping under ``endpoint``'s next DMA of at least ``min_length`` bytes
-    (of kind ``access``, if given)."""
-
-    endpoint: int
-    min_length: int = 512
-    access: Access | None = None
-
-    def matches(self, length: int, access: Access) -> bool:
-        """Whether an access of ``length`` bytes and kind ``access`` triggers it."""
-        return length >= self.min_length and (self.access is None or bool(self.access & access))
-
-
 class PvIommu:
-    """Endpoints and domains of one PV-IOMMU.
+    """Endpoints and domains of one PV-IOMMU: a
+    :class:`~pviommu.iommu.translation.Translator` (that never misses) and a
+    :class:`~pviommu.iommu.translation.Revocable`.
 
     ``endpoints`` lists the endpoint IDs that exist (ATTACH of another gets
     NOENT); None means every ID exists. ``events`` hears
@@ -171,7 +159,6 @@ class PvIommu:
         self._bypass = self.config.bypass
         self.mapping_count = 0
         self.resv = self.config.resv_regions()  # MAP checks them on every request
-        self.armed: dict[int, ArmedRevocation] = {}
         # Changes whenever a translation may have gone (UNMAP, DETACH, ATTACH
         # elsewhere, revocation, reset, a bypass change): cached ones are then stale.
         self.generation = 0
@@ -337,7 +324,8 @@ class PvIommu:
 
     def revoke(self, endpoint: int, iova: int) -> Revoked | None:
         """Takes away, behind the guest's back, the mapping that holds ``iova`` in
-        ``endpoint``'s domain; returns it (None if there is none)."""
+        ``endpoint``'s domain; returns it (None if there is none). Announcing it is
+        :class:`~pviommu.iommu.revocation.Revocations`' job."""
         domain = self.attached.get(endpoint)
         dom = self.domains.get(domain) if domain is not None else None
         if dom is None or dom.bypass:
@@ -350,22 +338,15 @@ class PvIommu:
         self.generation += 1
         log.warning("revoked mapping %#x-%#x -> %#x of domain %d (endpoint %#x)",
                     m.virt_start, m.virt_end, m.phys_start, dom.id, endpoint)
-        revoked = Revoked(endpoint, dom.id, m.virt_start, m.virt_end, m.phys_start)
-        self.events.publish(MappingRevoked(revoked))
-        return revoked
-
-    def arm_revocation(self, armed: ArmedRevocation) -> None:
-        """The next matching DMA of ``armed.endpoint`` loses its mapping, then faults."""
-        self.armed[armed.endpoint] = armed
+        return Revoked(endpoint, dom.id, m.virt_start, m.virt_end, m.phys_start)
 
     # -- translation --------------------------------------------------------------
 
-    def translate(self, endpoint: int, iova: int, length: int, access: Access,
-                  dma: bool = True) -> list[tuple[int, int]]:
+    def translate(self, endpoint: int, iova: int, length: int, access: Access
+                  ) -> list[tuple[int, int]]:
         """The guest-physical pieces of ``[iova, iova+length)`` as seen by ``endpoint``.
 
         Raises :class:`DmaFault` with the virtio-iommu reason if any byte fails.
-        ``dma`` False is a lookup, not a DMA: an armed revocation ignores it.
         """
         if not self.endpoint_exists(endpoint):
             raise DmaFault(Fault(endpoint, iova, access, FaultReason.UNKNOWN))
@@ -378,10 +359,6 @@ class PvIommu:
         dom = self.domains[domain]
         if dom.bypass:
             return [(iova, length)]
-        armed = self.armed.get(endpoint)
-        if (dma and armed is not None and armed.matches(length, access)
-                and self.revoke(endpoint, iova)):
-            del self.armed[endpoint]
         need = (MAP_F_WRITE if access & Access.WRITE else 0) | (
             MAP_F_READ if access & (Access.READ | Access.EXEC) else 0)
         out: list[tuple[int, int]] = []
@@ -394,3 +371,7 @@ class PvIommu:
             out.append((m.translate(addr), n))
             addr += n
         return out
+
+    async def fill(self, miss: TranslationMiss) -> None:
+        """Nothing to fetch: every translation is at hand, so :meth:`translate` never
+        misses."""

@@ -1,8 +1,66 @@
-"""The translation seam: what every IOMMU mode offers the DMA spaces and revocation."""
+"""The translation seam: what every IOMMU mode offers the DMA spaces and revocation.
+
+A mode (the PV-IOMMU's domains, a nested stage-1 + stage-2 path, a shadow of
+another IOMMU's tables) implements :class:`Translator`; the one DMA space
+(:class:`~pviommu.iommu.dma_space.TranslatedDma`) and everything above it
+(virtqueues, device models, transports) stay as they are. A mode that can take
+a mapping away behind the guest's back also implements :class:`Revocable`, and
+:class:`~pviommu.iommu.revocation.Revocations` does the rest.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
+
+from .faults import Access
+
+
+class TranslationMiss(Exception):
+    """The translation of ``iova`` for ``endpoint`` and ``access`` is not at hand and
+    must be fetched asynchronously (:meth:`Translator.fill`).
+
+    Nothing was changed by the access that raised it: a caller in an async
+    context awaits the fill and runs the access again. It is not a fault (not
+    in ``DMA_ERRORS``); code that cannot wait lets it propagate.
+    """
+
+    def __init__(self, endpoint: int, iova: int, access: Access) -> None:
+        super().__init__(f"translation miss endpoint {endpoint:#x} at {iova:#x} "
+                         f"({access.name})")
+        self.endpoint = endpoint
+        self.iova = iova
+        self.access = access
+
+
+class Translator(Protocol):
+    """An IOMMU mode as the DMA spaces see it.
+
+    ``generation`` is the epoch of cached views: it changes whenever a
+    translation given out before may no longer hold (an unmap, a detach, an
+    invalidation, a revocation, a reset); adding translations need not change it.
+    """
+
+    generation: int
+
+    def translate(self, endpoint: int, iova: int, length: int, access: Access
+                  ) -> list[tuple[int, int]]:
+        """The guest-physical ``(address, length)`` pieces of ``[iova, iova+length)``
+        as ``endpoint`` sees it, for ``access``.
+
+        Raises, for the first byte that does not translate,
+        :class:`~pviommu.iommu.faults.DmaFault` (it faults) or
+        :class:`TranslationMiss` (its translation is not at hand). Changes
+        nothing that a retry would see differently.
+        """
+        ...
+
+    async def fill(self, miss: TranslationMiss) -> None:
+        """Fetches the translation ``miss`` lacks; afterwards the same access does not
+        miss again unless the translation was invalidated meanwhile. Raises
+        :class:`~pviommu.iommu.faults.DmaFault` when there is none to fetch (a guest
+        stage-1 fault, say)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -21,3 +79,13 @@ class Revoked:
     def size(self) -> int:
         """The length of the range in bytes."""
         return self.virt_end - self.virt_start + 1
+
+
+class Revocable(Protocol):
+    """A mode whose mappings the host can take away."""
+
+    def revoke(self, endpoint: int, iova: int) -> Revoked | None:
+        """Removes, behind the guest's back, the mapping through which ``endpoint``
+        reaches ``iova`` (and whatever cached it; ``generation`` changes); returns what
+        went, or None if nothing maps ``iova``."""
+        ...

@@ -21,7 +21,8 @@ from ..events import (
 )
 from ..iommu.faults import Access, Fault, FaultReason
 from ..iommu.mappings import MAP_F_MMIO, MAP_F_READ, MAP_F_WRITE
-from ..iommu.pv import ArmedRevocation, PvIommu
+from ..iommu.pv import PvIommu
+from ..iommu.revocation import ArmedRevocation, Revocations
 from .server import QmpError, QmpServer
 
 EVENT_FAULT = "IOMMU_FAULT"
@@ -121,11 +122,13 @@ def revoked_event(event: RevokedMemoryChecked) -> dict[str, Any]:
 
 class ViommuCommands:
     """Registers the PV-IOMMU commands on a QMP server, and its QMP listener on
-    ``events`` (by default the IOMMU's bus)."""
+    ``events`` (by default the IOMMU's bus). ``revoke-mapping`` goes through
+    ``revocations`` (by default its own, over ``iommu``)."""
 
     def __init__(self, server: QmpServer, iommu: PvIommu, device: VirtioIommu,
                  extra_stats: Callable[[], dict[str, Any]] | None = None,
-                 events: EventBus | None = None) -> None:
+                 events: EventBus | None = None,
+                 revocations: Revocations | None = None) -> None:
         self.server = server
         self.iommu = iommu
         self.device = device
@@ -142,6 +145,8 @@ class ViommuCommands:
         ):
             server.register(name, handler, doc=doc)
         self.events = events if events is not None else iommu.events
+        self.revocations = (revocations if revocations is not None
+                            else Revocations(iommu, self.events))
         self.events.register(QmpEvents(server).listener())
 
     def query_domains(self, args: dict[str, Any]) -> list[dict[str, Any]]:
@@ -240,12 +245,12 @@ class ViommuCommands:
             if "min-size" in a or "access" in a:
                 raise QmpError("GenericError",
                                "'min-size' and 'access' only apply without 'address'")
-            m = self.iommu.revoke(endpoint, a["address"])
+            m = self.revocations.revoke(endpoint, a["address"])
             if m is None:
                 raise QmpError("GenericError", f"Endpoint {endpoint:#x} has no mapping at "
                                f"{a['address']:#x}")
             return {"armed": False, "virt-start": m.virt_start, "virt-end": m.virt_end,
                     "phys-start": m.phys_start}
         access = _choice("access", a["access"], _ACCESS) if "access" in a else None
-        self.iommu.arm_revocation(ArmedRevocation(endpoint, a.get("min-size", 512), access))
+        self.revocations.arm(ArmedRevocation(endpoint, a.get("min-size", 512), access))
         return {"armed": True}

@@ -9,7 +9,8 @@ from pviommu.backend import EVENT_REVOKED, Backend, BackendConfig
 from pviommu.dma import Access, DmaFault
 from pviommu.endpoints import EndpointSpec
 from pviommu.iommu.mappings import MAP_F_READ, MAP_F_WRITE
-from pviommu.iommu.pv import ArmedRevocation, Status
+from pviommu.iommu.pv import Status
+from pviommu.iommu.revocation import ArmedRevocation
 from pviommu.memory import RegionSpec
 from tests.fakes.memfd import sealed_memfd
 
@@ -66,7 +67,7 @@ async def test_a_revocation_reports_the_memory_behind_the_mapping(backend):
     memory.write(GPA + 0x3000, b"precious" * 512)
     assert b.iommu.attach(1, BLK, 0) == Status.OK
     assert b.iommu.map(1, 0x10000, 0x10FFF, GPA + 0x3000, MAP_F_READ | MAP_F_WRITE) == Status.OK
-    b.iommu.arm_revocation(ArmedRevocation(BLK, 4096, Access.WRITE))
+    b.revocations.arm(ArmedRevocation(BLK, 4096, Access.WRITE))
     dma = b.endpoints[BLK].dma
     with pytest.raises(DmaFault):
         dma.write(0x10000, b"\xff" * 4096)
@@ -84,7 +85,7 @@ async def test_a_change_after_the_revocation_is_reported(backend):
     memory = _memory(b, RNG)
     b.iommu.attach(2, RNG, 0)
     b.iommu.map(2, 0x20000, 0x20FFF, GPA, MAP_F_READ | MAP_F_WRITE)
-    assert b.iommu.revoke(RNG, 0x20000) is not None
+    assert b.revocations.revoke(RNG, 0x20000) is not None
     memory.write(GPA, b"late")  # as if something wrote there before the check
     assert (await _revoked_event(events))["memory-unchanged"] is False
 
@@ -101,7 +102,7 @@ async def test_a_huge_revoked_mapping_is_not_digested(backend):
     _memory(b, RNG)
     b.iommu.attach(3, RNG, 0)
     b.iommu.map(3, 0, (128 << 20) - 1, GPA, MAP_F_READ)  # beyond guest memory, too big
-    assert b.iommu.revoke(RNG, 0x1000) is not None
+    assert b.revocations.revoke(RNG, 0x1000) is not None
     data = await _revoked_event(events)
     assert data["memory-unchanged"] is None and data["sha256-before"] is None
 
@@ -113,6 +114,6 @@ def test_a_revocation_outside_the_event_loop_is_reported_at_once(tmp_path):
     b.qmp.emit = lambda event, data=None: sent.append((event, data))
     b.iommu.attach(1, RNG, 0)
     b.iommu.map(1, 0, 0xFFF, GPA, MAP_F_READ)
-    assert b.iommu.revoke(RNG, 0) is not None
+    assert b.revocations.revoke(RNG, 0) is not None
     [revoked] = [data for event, data in sent if event == EVENT_REVOKED]
     assert revoked["memory-unchanged"] is None  # no memory was handed over

@@ -7,7 +7,8 @@ from pviommu.backend import Backend, BackendConfig
 from pviommu.dma import Access, DmaFault, load, local_views, store
 from pviommu.events import FaultRecorded, MappingRevoked
 from pviommu.iommu.mappings import MAP_F_READ, MAP_F_WRITE
-from pviommu.iommu.pv import ATTACH_F_BYPASS, ArmedRevocation, Status
+from pviommu.iommu.pv import ATTACH_F_BYPASS, Status
+from pviommu.iommu.revocation import ArmedRevocation
 from pviommu.iommu.translation import Revoked
 from pviommu.memory import GuestMemory, MemoryAccessError, RegionSpec
 from tests.fakes.dma import FakeRemote
@@ -128,7 +129,7 @@ def test_an_armed_revocation_takes_the_mapping_under_the_next_big_dma(backend, m
     b.iommu.attach(1, EP, 0)
     b.iommu.map(1, 0x10000, 0x10FFF, GPA, MAP_F_READ | MAP_F_WRITE)
     b.iommu.map(1, 0x20000, 0x20FFF, GPA + 0x1000, MAP_F_READ | MAP_F_WRITE)
-    b.iommu.arm_revocation(ArmedRevocation(EP, min_length=512, access=Access.WRITE))
+    b.revocations.arm(ArmedRevocation(EP, min_length=512, access=Access.WRITE))
     dma = b.endpoint_dma(EP, memory)
     dma.write(0x10000, b"small")            # too small: not the one
     dma.read(0x20000, 0x1000)               # a read: not the one
@@ -136,7 +137,7 @@ def test_an_armed_revocation_takes_the_mapping_under_the_next_big_dma(backend, m
         dma.write(0x20010, bytes(0x800))
     assert info.value.reason == "MAPPING" and info.value.address == 0x20010
     assert [m.virt_start for m in b.iommu.domains[1].mappings] == [0x10000]
-    assert b.iommu.mapping_count == 1 and not b.iommu.armed
+    assert b.iommu.mapping_count == 1 and not b.revocations.armed
     assert events == [MappingRevoked(Revoked(EP, 1, 0x20000, 0x20FFF, GPA + 0x1000))]
     assert len(faults) == 1
     # the guest's own UNMAP of the revoked range later finds nothing and succeeds
@@ -192,7 +193,7 @@ def test_caching_ring_views_does_not_trigger_an_armed_revocation(backend, memory
     b, faults = backend
     b.iommu.attach(1, EP, 0)
     b.iommu.map(1, GPA, GPA + 0x3FFF, GPA, MAP_F_READ | MAP_F_WRITE)
-    b.iommu.arm_revocation(ArmedRevocation(EP, min_length=512))
+    b.revocations.arm(ArmedRevocation(EP, min_length=512))
     dma = b.endpoint_dma(EP, memory)
     assert dma.try_view(GPA, 0x1000, Access.READ) is not None
-    assert EP in b.iommu.armed and b.iommu.mapping_count == 1 and not faults
+    assert EP in b.revocations.armed and b.iommu.mapping_count == 1 and not faults

@@ -11,17 +11,27 @@ from pviommu.devices.viommu import VirtioIommu
 from pviommu.dma import Access
 from pviommu.iommu.mappings import MAP_F_READ, MAP_F_WRITE
 from pviommu.iommu.pv import IommuConfig, PvIommu, ResvRegion, Status
+from pviommu.iommu.revocation import Revocations
 from pviommu.qmp.server import QmpServer
 from pviommu.qmp.viommu import ViommuCommands
 
 
 @pytest.fixture
-async def backend(tmp_path):
-    iommu = PvIommu(IommuConfig(reserved=[ResvRegion(0x1000000, 0x1FFFFFF)]),
-                    endpoints=[0x10, 0x18])
+def iommu():
+    return PvIommu(IommuConfig(reserved=[ResvRegion(0x1000000, 0x1FFFFFF)]),
+                   endpoints=[0x10, 0x18])
+
+
+@pytest.fixture
+def revocations(iommu):
+    return Revocations(iommu, iommu.events)
+
+
+@pytest.fixture
+async def backend(tmp_path, iommu, revocations):
     device = VirtioIommu(iommu)
     server = QmpServer({"qemu": {"major": 0, "minor": 1, "micro": 0}, "package": "test"})
-    ViommuCommands(server, iommu, device)
+    ViommuCommands(server, iommu, device, revocations=revocations)
     path = tmp_path / "qmp.sock"
     await server.start_unix(str(path))
     client = QMPClient("test")
@@ -135,7 +145,7 @@ async def test_qmp_shell_drives_the_backend(backend):
     assert '{"return": {"delivered": false}}' in text
 
 
-async def test_revoke_mapping_now_or_armed(backend):
+async def test_revoke_mapping_now_or_armed(backend, revocations):
     iommu, _device, client, _events, _ = backend
     iommu.attach(3, 0x10, 0)
     iommu.map(3, 0x10000, 0x1FFFF, 0x40000000, MAP_F_READ | MAP_F_WRITE)
@@ -154,5 +164,5 @@ async def test_revoke_mapping_now_or_armed(backend):
             await client.execute("revoke-mapping", args)
     assert await client.execute("revoke-mapping", {"endpoint": 0x10, "min-size": 4096,
                                                    "access": "read"}) == {"armed": True}
-    armed = iommu.armed[0x10]
+    armed = revocations.armed[0x10]
     assert (armed.min_length, armed.access) == (4096, Access.READ)
