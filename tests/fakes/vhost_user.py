@@ -7,6 +7,13 @@ Protocol tests drive the real back-end with it, in the same event loop::
     await fe.set_mem_table([(GPA, size, UADDR, 0)], [memfd])
     rings = await fe.start_vring(0, driver)      # NUM, BASE, ADDR, CALL, ERR, KICK, ENABLE
 
+With VIRTIO_F_ACCESS_PLATFORM it also plays QEMU's vIOMMU side::
+
+    channel = await fe.set_backend_channel()     # SET_BACKEND_REQ_FD, a socket pair
+    stage1 = Stage1({IOVA: UADDR})               # the guest's stage 1, page by page
+    channel.serve(stage1.on_miss(fe))            # MISS -> UPDATE (acked) -> MISS ack
+    await fe.invalidate(IOVA, 0x1000)            # what a guest unmap sends
+
 It is not a second implementation of the back-end's rules: it only builds
 messages (well-formed or not) and reads replies.
 """
@@ -17,7 +24,8 @@ import asyncio
 import os
 import select
 import socket
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pviommu.transport.vhost_user import protocol as p
@@ -102,6 +110,9 @@ class FakeFrontend:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.loop = asyncio.get_running_loop()
+        # One request/reply exchange at a time on the main socket, as QEMU's
+        # single-threaded vhost-user code does (a MISS's UPDATE waits its turn).
+        self.exchange = asyncio.Lock()
 
     @classmethod
     async def connect(cls, path: Path | str) -> FakeFrontend:
@@ -150,8 +161,9 @@ class FakeFrontend:
     async def call(self, request: int, payload: bytes = b"",
                    fds: list[int] | tuple[int, ...] = ()) -> Reply:
         """Sends a request that always has a reply, and returns it (checked as a reply)."""
-        await self.send(request, payload, fds)
-        reply = await self.recv()
+        async with self.exchange:
+            await self.send(request, payload, fds)
+            reply = await self.recv()
         assert reply.request == request, f"reply to {reply.request}, expected {request}"
         assert reply.flags == p.VERSION | p.FLAG_REPLY
         return reply
@@ -159,8 +171,9 @@ class FakeFrontend:
     async def ack(self, request: int, payload: bytes = b"",
                   fds: list[int] | tuple[int, ...] = ()) -> int:
         """Sends with NEED_REPLY and returns the REPLY_ACK status (0 is success)."""
-        await self.send(request, payload, fds, need_reply=True)
-        reply = await self.recv()
+        async with self.exchange:
+            await self.send(request, payload, fds, need_reply=True)
+            reply = await self.recv()
         assert reply.request == request
         assert reply.flags == p.VERSION | p.FLAG_REPLY
         assert len(reply.payload) == 8
@@ -220,3 +233,109 @@ class FakeFrontend:
         assert await self.ack(R.SET_VRING_ENABLE, p.VRING_STATE.pack(index, 1)) == 0
         return fds
 
+
+    # -- QEMU's vIOMMU side (ACCESS_PLATFORM) ---------------------------------------------
+
+    async def set_backend_channel(self) -> FakeBackendChannel:
+        """SET_BACKEND_REQ_FD with one end of a new socket pair, as QEMU's realize does."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            assert await self.ack(R.SET_BACKEND_REQ_FD, b"", [theirs.fileno()]) == 0
+        finally:
+            theirs.close()
+        return FakeBackendChannel(ours)
+
+    async def iotlb(self, msg: p.IotlbMsg) -> int:
+        """Sends an IOTLB_MSG with NEED_REPLY (QEMU always asks) and returns the ack."""
+        return await self.ack(R.IOTLB_MSG, msg.pack())
+
+    async def update(self, iova: int, size: int, uaddr: int,
+                     perm: int = p.IotlbPerm.RW) -> int:
+        """IOTLB UPDATE (QEMU always says RW); returns the ack."""
+        return await self.iotlb(p.IotlbMsg(iova, size, uaddr, perm, p.IotlbType.UPDATE))
+
+    async def invalidate(self, iova: int, size: int) -> int:
+        """IOTLB INVALIDATE (size 0: everything, as lazy mode sends); returns the ack."""
+        return await self.iotlb(p.IotlbMsg(iova, size, 0, 0, p.IotlbType.INVALIDATE))
+
+
+MissHandler = Callable[[p.IotlbMsg], Awaitable[int]]
+
+
+class FakeBackendChannel:
+    """QEMU's end of the back-end channel: reads the back-end's requests, acks them."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sock.setblocking(False)
+        self.loop = asyncio.get_running_loop()
+        self.misses: list[p.IotlbMsg] = []
+        self.task: asyncio.Task[None] | None = None
+
+    async def read(self, timeout: float = TIMEOUT) -> tuple[int, int, bytes]:
+        """The next request the back-end sent: (request, flags, payload)."""
+        async def exact(n: int) -> bytes:
+            buf = b""
+            while len(buf) < n:
+                chunk = await self.loop.sock_recv(self.sock, n - len(buf))
+                if not chunk:
+                    raise EOFError("the back-end closed its channel")
+                buf += chunk
+            return buf
+
+        async def one() -> tuple[int, int, bytes]:
+            request, flags, size = p.HEADER.unpack(await exact(p.HEADER.size))
+            return request, flags, await exact(size) if size else b""
+        return await asyncio.wait_for(one(), timeout)
+
+    async def reply(self, request: int, status: int) -> None:
+        """Acks a request with the u64 ``status``, as QEMU's backend_read does."""
+        await self.loop.sock_sendall(self.sock, p.HEADER.pack(
+            request, p.VERSION | p.FLAG_REPLY, 8) + p.U64.pack(status))
+
+    async def next_miss(self, timeout: float = TIMEOUT) -> p.IotlbMsg:
+        """Reads one request and checks it is an IOTLB MISS with need-reply."""
+        request, flags, payload = await self.read(timeout)
+        assert request == p.BackendRequest.IOTLB_MSG, request
+        assert flags == p.VERSION | p.FLAG_NEED_REPLY, hex(flags)
+        msg = p.IotlbMsg.unpack(payload)
+        assert msg.type == p.IotlbType.MISS
+        self.misses.append(msg)
+        return msg
+
+    def serve(self, on_miss: MissHandler) -> None:
+        """Answers every MISS in the background with ``on_miss``'s status."""
+        async def loop() -> None:
+            try:
+                while True:
+                    msg = await self.next_miss(timeout=3600)
+                    await self.reply(p.BackendRequest.IOTLB_MSG, await on_miss(msg))
+            except (EOFError, OSError):
+                pass
+        self.task = self.loop.create_task(loop())
+
+    def close(self) -> None:
+        """Stops serving and closes QEMU's end."""
+        if self.task is not None:
+            self.task.cancel()
+        self.sock.close()
+
+
+@dataclass
+class Stage1:
+    """The guest's stage 1 as QEMU's vIOMMU resolves it: iova page -> QEMU uaddr."""
+
+    pages: dict[int, int] = field(default_factory=dict)
+    page_size: int = 0x1000
+
+    def on_miss(self, fe: FakeFrontend) -> MissHandler:
+        """QEMU's MISS handling: UPDATE on the main socket, wait for its ack, then
+        ack the MISS with 0; an unmapped iova is acked with 1 (a stage-1 fault)."""
+        async def handle(msg: p.IotlbMsg) -> int:
+            page = msg.iova & ~(self.page_size - 1)
+            uaddr = self.pages.get(page)
+            if uaddr is None:
+                return 1
+            ack = await fe.update(page, self.page_size, uaddr, p.IotlbPerm.RW)
+            return 0 if ack == 0 else 1
+        return handle

@@ -23,12 +23,15 @@ from pathlib import Path
 from typing import TypeAlias
 
 from ... import irqfd
+from ...dma import DmaSpace
 from ...memory import GuestMemory, MemoryAccessError, RegionSpec
 from ...virtio.device import VirtioDevice
-from ...virtio.features import F_EVENT_IDX, F_INDIRECT_DESC, bit
+from ...virtio.features import F_ACCESS_PLATFORM, F_EVENT_IDX, F_INDIRECT_DESC, bit
 from ...virtio.queue import SplitQueue, VirtqueueError
 from ..unix_server import UnixServer
 from . import protocol as p
+from .backend_channel import BackendChannel, adopt_socket
+from .iotlb import DeviceIotlb
 from .protocol import ProtocolFeature as PF
 from .protocol import Request as R
 
@@ -37,6 +40,10 @@ log = logging.getLogger(__name__)
 # Requests whose reply is part of the protocol, whatever REPLY_ACK says.
 _HAS_REPLY = {R.GET_FEATURES, R.GET_PROTOCOL_FEATURES, R.GET_VRING_BASE, R.GET_QUEUE_NUM,
               R.GET_CONFIG, R.GET_STATUS, R.GET_MAX_MEM_SLOTS}
+
+# Requests acknowledged whenever the frontend asks, REPLY_ACK or not (QEMU always
+# waits for the ack of an IOTLB message).
+_ALWAYS_ACKED = {R.IOTLB_MSG}
 
 # Requests valid before SET_OWNER (QEMU asks for features first).
 _BEFORE_OWNER = {R.GET_FEATURES, R.SET_OWNER, R.GET_PROTOCOL_FEATURES,
@@ -75,23 +82,32 @@ class Vring:
 
 
 class VhostUserConnection:
-    """One frontend connection; also the device's :class:`VirtioTransport`."""
+    """One frontend connection; also the device's :class:`VirtioTransport`.
 
-    protocol_features = (bit(PF.MQ) | bit(PF.REPLY_ACK) | bit(PF.CONFIG)
-                         | bit(PF.RESET_DEVICE) | bit(PF.STATUS))
+    A device that offers VIRTIO_F_ACCESS_PLATFORM (``device.access_platform``)
+    gets the back-end channel (BACKEND_REQ) and a device IOTLB (``iotlb``).
+    Once ACCESS_PLATFORM is negotiated its ring addresses are I/O virtual
+    addresses: the rings start over ``iova_dma``, the DMA space that translates
+    through the IOTLB, which whoever wires the device sets.
+    """
+
+    BASE_PROTOCOL_FEATURES = (bit(PF.MQ) | bit(PF.REPLY_ACK) | bit(PF.CONFIG)
+                              | bit(PF.RESET_DEVICE) | bit(PF.STATUS))
 
     def __init__(self, device: VirtioDevice, sock: socket.socket,
-                 stats: Counter[str] | None = None, allow_unsealed_memory: bool = False
-                 ) -> None:
+                 stats: Counter[str] | None = None, allow_unsealed_memory: bool = False,
+                 iotlb_miss_timeout: float = 10.0) -> None:
         self.device = device
         self.sock = sock
         self.memory = GuestMemory(allow_unsealed=allow_unsealed_memory)
         self.dma = device.bind_memory(self.memory)
+        self.iova_dma: DmaSpace | None = None
         self.rings = [Vring(i) for i in range(device.num_queues)]
         self.owner = False
         self.features = 0
         self.acked_protocol_features = 0
         self.stats: Counter[str] = stats if stats is not None else Counter()
+        self.iotlb = DeviceIotlb(self.memory, self.stats, miss_timeout=iotlb_miss_timeout)
         self._loop = asyncio.get_running_loop()
         self._closed = False
         device.transport = self
@@ -145,12 +161,12 @@ class VhostUserConnection:
             self.stats["refused"] += 1
             if msg.request in _HAS_REPLY:
                 return p.encode(msg.request, b"", reply=True)
-            if msg.need_reply and self._acked(PF.REPLY_ACK):
+            if msg.need_reply and self._ack_wanted(msg):
                 return p.encode(msg.request, p.U64.pack(1), reply=True)
             return None
         if payload is not None:
             return p.encode(msg.request, payload, reply=True)
-        if msg.need_reply and self._acked(PF.REPLY_ACK):
+        if msg.need_reply and self._ack_wanted(msg):
             return p.encode(msg.request, p.U64.pack(0), reply=True)
         return None
 
@@ -159,6 +175,7 @@ class VhostUserConnection:
         if self._closed:
             return
         self._closed = True
+        self.iotlb.close()
         for ring in self.rings:
             self._stop_ring(ring)
             if ring.kick is not None:
@@ -190,6 +207,23 @@ class VhostUserConnection:
 
     def _acked(self, feature: PF) -> bool:
         return bool(self.acked_protocol_features & bit(feature))
+
+    def _ack_wanted(self, msg: p.Message) -> bool:
+        return self._acked(PF.REPLY_ACK) or msg.request in _ALWAYS_ACKED
+
+    @property
+    def protocol_features(self) -> int:
+        """The protocol features GET_PROTOCOL_FEATURES reports (BACKEND_REQ only for a
+        device that wants the IOTLB)."""
+        features = self.BASE_PROTOCOL_FEATURES
+        if self.device.access_platform:
+            features |= bit(PF.BACKEND_REQ)
+        return features
+
+    @property
+    def access_platform(self) -> bool:
+        """Whether VIRTIO_F_ACCESS_PLATFORM is negotiated: device addresses are IOVAs."""
+        return bool(self.features & bit(F_ACCESS_PLATFORM))
 
     def _require(self, feature: PF) -> None:
         if not self._acked(feature):
@@ -284,6 +318,7 @@ class VhostUserConnection:
         specs = [RegionSpec(*p.MEM_REGION.unpack_from(msg.payload, 8 + i * p.MEM_REGION.size))
                  for i in range(n)]
         fds, msg.fds = list(msg.fds), []
+        self.iotlb.clear()  # its gpas came from the old table
         self.memory.set_regions(specs, fds)
         log.info("guest memory: %s", ", ".join(
             f"gpa {s.gpa:#x} size {s.size:#x}" for s in specs))
@@ -315,6 +350,7 @@ class VhostUserConnection:
     def _do_get_vring_base(self, msg: p.Message) -> bytes:
         ring, _ = self._state(msg)
         self._stop_ring(ring)
+        self.iotlb.clear()  # no INVALIDATE comes once the device stops
         return p.VRING_STATE.pack(ring.index, ring.base)
 
     def _vring_fd(self, msg: p.Message) -> tuple[Vring, int | None]:
@@ -406,6 +442,7 @@ class VhostUserConnection:
             ring.enabled = False
             ring.num = ring.base = ring.desc = ring.used = ring.avail = ring.flags = 0
         self.device.reset()
+        self.iotlb.clear()
         self.features = 0
 
     def _do_set_status(self, msg: p.Message) -> None:
@@ -413,7 +450,23 @@ class VhostUserConnection:
         status = self._u64(msg)
         if status > 0xFF:
             raise Refused(f"status {status:#x} does not fit in 8 bits")
+        if status == 0:
+            self.iotlb.clear()
         self.device.set_status(status)
+
+    def _do_set_backend_req_fd(self, msg: p.Message) -> None:
+        self._require(PF.BACKEND_REQ)
+        self._payload(msg, 0)
+        if len(msg.fds) != 1:
+            raise Refused(f"expected one file descriptor, got {len(msg.fds)}")
+        sock = adopt_socket(msg.fds.pop())  # ValueError (fd closed) unless a stream socket
+        self.iotlb.set_channel(BackendChannel(sock))
+
+    def _do_iotlb_msg(self, msg: p.Message) -> None:
+        self._no_fds(msg)
+        if not self.access_platform:
+            raise Refused("VIRTIO_F_ACCESS_PLATFORM was not negotiated")
+        self.iotlb.handle_message(p.IotlbMsg.unpack(msg.payload))
 
     def _do_get_status(self, msg: p.Message) -> bytes:
         self._require(PF.STATUS)
@@ -440,10 +493,17 @@ class VhostUserConnection:
             if ring.num == 0:
                 raise VirtqueueError("kicked before SET_VRING_NUM")
             size = ring.num
-            desc = self.memory.uaddr_to_gpa(ring.desc, 16 * size)
-            avail = self.memory.uaddr_to_gpa(ring.avail, 6 + 2 * size)
-            used = self.memory.uaddr_to_gpa(ring.used, 6 + 8 * size)
-            queue = SplitQueue(self.dma, size, desc, avail, used,
+            dma = self.dma
+            if self.access_platform:
+                if self.iova_dma is None:
+                    raise VirtqueueError("its addresses are I/O virtual addresses "
+                                         "(ACCESS_PLATFORM) and no IOTLB DMA space is wired")
+                dma, desc, avail, used = self.iova_dma, ring.desc, ring.avail, ring.used
+            else:
+                desc = self.memory.uaddr_to_gpa(ring.desc, 16 * size)
+                avail = self.memory.uaddr_to_gpa(ring.avail, 6 + 2 * size)
+                used = self.memory.uaddr_to_gpa(ring.used, 6 + 8 * size)
+            queue = SplitQueue(dma, size, desc, avail, used,
                                event_idx=self.device.has_feature(F_EVENT_IDX),
                                indirect=self.device.has_feature(F_INDIRECT_DESC),
                                next_avail=ring.base)
@@ -491,6 +551,8 @@ HANDLERS: dict[int, Handler] = {
     R.RESET_DEVICE: VhostUserConnection._do_reset_device,
     R.SET_STATUS: VhostUserConnection._do_set_status,
     R.GET_STATUS: VhostUserConnection._do_get_status,
+    R.SET_BACKEND_REQ_FD: VhostUserConnection._do_set_backend_req_fd,
+    R.IOTLB_MSG: VhostUserConnection._do_iotlb_msg,
 }
 
 
@@ -499,16 +561,19 @@ class VhostUserServer:
 
     ``allow_unsealed_memory`` maps guest memory fds that are not sealed against
     shrinking (see :func:`~pviommu.memory.check_memory_fd`); ``group`` may connect
-    too (the socket is 0660), else the socket is owner-only.
+    too (the socket is 0660), else the socket is owner-only. An IOTLB miss the
+    frontend leaves unanswered for ``iotlb_miss_timeout`` seconds fails.
     """
 
     def __init__(self, path: Path, device: VirtioDevice,
                  on_connect: Callable[[VhostUserConnection], None] | None = None,
-                 allow_unsealed_memory: bool = False, group: int | None = None) -> None:
+                 allow_unsealed_memory: bool = False, group: int | None = None,
+                 iotlb_miss_timeout: float = 10.0) -> None:
         self.path = Path(path)
         self.device = device
         self.on_connect = on_connect
         self.allow_unsealed_memory = allow_unsealed_memory
+        self.iotlb_miss_timeout = iotlb_miss_timeout
         self.stats: Counter[str] = Counter()
         self.connection: VhostUserConnection | None = None
         self._server = UnixServer(self.path, self._serve, "vhost-user", group=group)
@@ -523,7 +588,8 @@ class VhostUserServer:
         await self._server.start()
 
     async def _serve(self, sock: socket.socket) -> None:
-        conn = VhostUserConnection(self.device, sock, self.stats, self.allow_unsealed_memory)
+        conn = VhostUserConnection(self.device, sock, self.stats, self.allow_unsealed_memory,
+                                   self.iotlb_miss_timeout)
         self.connection = conn
         try:
             if self.on_connect is not None:

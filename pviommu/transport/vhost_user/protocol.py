@@ -21,6 +21,8 @@ VRING_ADDR = struct.Struct("<IIQQQQ")
 MEM_HEADER = struct.Struct("<II")
 MEM_REGION = struct.Struct("<QQQQ")
 CONFIG_HEADER = struct.Struct("<III")
+# struct vhost_iotlb_msg: iova, size, uaddr, perm, type, padded to 8-byte alignment.
+IOTLB = struct.Struct("<QQQBB6x")
 
 MAX_MEM_REGIONS = 8
 MAX_CONFIG_SIZE = 256
@@ -106,12 +108,71 @@ class ProtocolFeature(enum.IntEnum):
     DEVICE_STATE = 19
 
 
+class BackendRequest(enum.IntEnum):
+    """Back-end message types (sent on the back-end channel, BACKEND_REQ)."""
+
+    IOTLB_MSG = 1
+    CONFIG_CHANGE_MSG = 2
+    VRING_HOST_NOTIFIER_MSG = 3
+    SHARED_OBJECT_ADD = 6
+    SHARED_OBJECT_REMOVE = 7
+    SHARED_OBJECT_LOOKUP = 8
+
+
+class IotlbType(enum.IntEnum):
+    """``struct vhost_iotlb_msg`` type."""
+
+    MISS = 1
+    UPDATE = 2
+    INVALIDATE = 3
+    ACCESS_FAIL = 4
+
+
+class IotlbPerm(enum.IntFlag):
+    """``struct vhost_iotlb_msg`` permissions (VHOST_ACCESS_*)."""
+
+    NONE = 0
+    RO = 1
+    WO = 2
+    RW = 3
+
+
+@dataclass(frozen=True)
+class IotlbMsg:
+    """One ``struct vhost_iotlb_msg``."""
+
+    iova: int
+    size: int
+    uaddr: int
+    perm: int
+    type: int
+
+    def pack(self) -> bytes:
+        """The wire form (32 bytes)."""
+        return IOTLB.pack(self.iova, self.size, self.uaddr, self.perm, self.type)
+
+    @classmethod
+    def unpack(cls, payload: bytes) -> IotlbMsg:
+        """Parses a payload of exactly :data:`IOTLB` size (ValueError otherwise)."""
+        if len(payload) != IOTLB.size:
+            raise ValueError(f"IOTLB payload is {len(payload)} bytes, expected {IOTLB.size}")
+        return cls(*IOTLB.unpack(payload))
+
+
 def request_name(code: int) -> str:
     """A readable name for a request code, known or not."""
     try:
         return Request(code).name
     except ValueError:
         return f"request {code}"
+
+
+def backend_request_name(code: int) -> str:
+    """A readable name for a back-end request code, known or not."""
+    try:
+        return f"BACKEND_{BackendRequest(code).name}"
+    except ValueError:
+        return f"backend request {code}"
 
 
 @dataclass
