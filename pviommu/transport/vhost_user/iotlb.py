@@ -242,6 +242,7 @@ class DeviceIotlb:
         finally:
             if self._misses.get((miss.page, miss.access)) is miss:
                 del self._misses[(miss.page, miss.access)]
+            miss.task = None  # the task's exception would otherwise hold it in a cycle
         if status != 0:
             self.stats["iotlb_miss_refused"] += 1
             raise IotlbMissRefused(miss.iova, access)
