@@ -6,7 +6,10 @@ and stage 2) decides how an address translates. A failed translation raises
 :class:`~pviommu.iommu.faults.DmaFault` (re-exported here, with
 :class:`~pviommu.iommu.faults.Access`, for the device models), an address
 outside guest memory raises :class:`~pviommu.memory.MemoryAccessError`;
-``DMA_ERRORS`` catches both.
+``DMA_ERRORS`` catches both. A DMA space whose translations are fetched
+asynchronously may raise :class:`~pviommu.iommu.translation.TranslationMiss`
+instead (not a fault): code in an async context awaits :func:`fill` and
+retries; nothing was changed by the access that missed.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ from __future__ import annotations
 from typing import Protocol
 
 from .iommu.faults import Access, DmaFault
+from .iommu.translation import TranslationMiss
 from .memory import GuestMemory, MemoryAccessError, Piece, RemoteRange
 
-__all__ = ["DMA_ERRORS", "Access", "DmaFault", "DmaSpace", "PhysicalDma", "load",
-           "local_views", "piece_len", "store"]
+__all__ = ["DMA_ERRORS", "Access", "DmaFault", "DmaSpace", "PhysicalDma", "TranslationMiss",
+           "fill", "load", "local_views", "piece_len", "store"]
 
 DMA_ERRORS = (DmaFault, MemoryAccessError)
 
@@ -44,7 +48,23 @@ class DmaSpace(Protocol):
     # Optional, for caching views of long-lived buffers (virtqueue rings):
     # ``generation`` (changes whenever a translation given out may have gone)
     # and ``try_view(addr, length, access) -> memoryview | None`` (no fault
-    # is reported). See SplitQueue.
+    # is reported, nothing missed). See SplitQueue.
+    # Optional, for spaces whose accesses may raise TranslationMiss:
+    # ``async fill(miss)``. See :func:`fill`.
+
+
+async def fill(dma: DmaSpace, miss: TranslationMiss) -> None:
+    """Waits until ``dma`` has fetched the translation ``miss`` lacks.
+
+    Afterwards the same access, by the same task, translates, raises the
+    :class:`DmaFault` the fill found, or misses again if the translation was
+    invalidated meanwhile. A space without ``fill`` cannot miss: ``miss`` is
+    raised again.
+    """
+    filler = getattr(dma, "fill", None)
+    if filler is None:
+        raise miss
+    await filler(miss)
 
 
 def piece_len(piece: Piece) -> int:

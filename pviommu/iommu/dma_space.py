@@ -6,17 +6,23 @@ to the guest's event queue, QMP...) and raised, so that the device completes
 its request with its own error status. Nothing the translation refuses is read
 or written: all pieces of an access are translated first, then copied. An
 armed revocation (``revocations``) sees every DMA before it is translated.
+
+A translator may miss (its translations are fetched asynchronously): the
+:class:`~pviommu.iommu.translation.TranslationMiss` goes up to the code that
+can wait, which awaits :meth:`TranslatedDma.fill` and retries.
 """
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from collections.abc import Callable
 
 from ..dma import DMA_ERRORS
 from ..memory import GuestMemory, Piece
 from .faults import Access, DmaFault, Fault
 from .revocation import Revocations
-from .translation import Translator
+from .translation import TranslationMiss, Translator
 
 FaultReport = Callable[[Fault], object]
 
@@ -32,16 +38,51 @@ class TranslatedDma:
         self.memory = memory
         self.report = report
         self.revocations = revocations
+        # Fills that found nothing to fetch, per task: that task's retry of the same
+        # access raises the fault (once) instead of missing again.
+        self._failed_fills: weakref.WeakKeyDictionary[
+            asyncio.Task[object], dict[tuple[int, Access], tuple[int, Fault]]
+        ] = weakref.WeakKeyDictionary()
 
     def _translate(self, addr: int, length: int, access: Access) -> list[tuple[int, int]]:
         if self.revocations is not None:
             self.revocations.before_dma(self.endpoint, addr, length, access)
         try:
-            return self.translator.translate(self.endpoint, addr, length, access)
+            try:
+                return self.translator.translate(self.endpoint, addr, length, access)
+            except TranslationMiss as miss:
+                fault = self._failed_fill(miss)
+                if fault is None:
+                    raise
+                raise DmaFault(fault) from None
         except DmaFault as fault:
             if self.report is not None:
                 self.report(fault.fault)
             raise
+
+    def _failed_fill(self, miss: TranslationMiss) -> Fault | None:
+        """The fault a fill of this task found for ``miss``'s access, if still current."""
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no event loop: no fill ever ran
+            return None
+        failed = self._failed_fills.get(task) if task is not None else None
+        found = failed.pop((miss.iova, miss.access), None) if failed else None
+        if found is None or found[0] != self.translator.generation:
+            return None  # invalidated since: ask again
+        return found[1]
+
+    async def fill(self, miss: TranslationMiss) -> None:
+        """Fetches the translation ``miss`` lacks. When there is none (a guest stage-1
+        fault, say), the calling task's retry of that access raises the fault, and it
+        is reported then, where the device meets it."""
+        try:
+            await self.translator.fill(miss)
+        except DmaFault as fault:
+            task = asyncio.current_task()
+            if task is not None:
+                self._failed_fills.setdefault(task, {})[(miss.iova, miss.access)] = (
+                    self.translator.generation, fault.fault)
 
     @property
     def generation(self) -> int:
@@ -50,14 +91,15 @@ class TranslatedDma:
         return self.memory.generation + self.translator.generation
 
     def try_view(self, addr: int, length: int, access: Access) -> memoryview | None:
-        """One local view of the translated range, or None; faults are not reported and
-        the lookup is no DMA (an armed revocation waits for a real one)."""
+        """One local view of the translated range, or None; faults are not reported,
+        misses not filled, and the lookup is no DMA (an armed revocation waits for a
+        real one)."""
         try:
             pieces = self.translator.translate(self.endpoint, addr, length, access)
             if len(pieces) != 1:
                 return None
             piece = self.memory.piece(pieces[0][0], length, bool(access & Access.WRITE))
-        except DMA_ERRORS:
+        except (*DMA_ERRORS, TranslationMiss):
             return None
         return piece if isinstance(piece, memoryview) else None
 

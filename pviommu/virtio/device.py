@@ -7,6 +7,15 @@ returns a chain to the driver. A reset, or stopping or replacing a queue,
 cancels that queue's tasks; a completion that still arrives for a queue that
 is no longer the device's current one is dropped, so it never touches the old
 rings. Requests may complete out of order.
+
+Where a DMA space's translation misses (it is fetched asynchronously, see
+:class:`~pviommu.iommu.translation.TranslationMiss`), the code that can wait
+awaits the fill and runs the step again: a request task reruns its handler
+(handlers resolve every buffer before moving a byte, so a miss has moved
+none), a kick that missed on the rings pops again once the fill is done, and a
+completion writes the used ring again (a miss there loses nothing). A device
+whose :meth:`VirtioDevice.process` completes inline (virtio-iommu) needs a DMA
+space that never misses.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, Protocol
 
-from ..dma import DMA_ERRORS, Access, DmaSpace, PhysicalDma, piece_len
+from ..dma import DMA_ERRORS, Access, DmaSpace, PhysicalDma, TranslationMiss, fill, piece_len
 from ..memory import GuestMemory, Piece, RemoteRange
 from .features import F_ACCESS_PLATFORM, F_VERSION_1, STATUS_NEEDS_RESET, bit
 from .queue import Chain, SplitQueue, VirtqueueError, segments
@@ -38,6 +47,25 @@ class VirtioTransport(Protocol):
 
 RequestHandler = Callable[[SplitQueue, Chain], Awaitable[int]]
 """Handles one chain of a queue; returns the number of bytes it wrote into the chain."""
+
+MAX_REFILLS = 16
+"""How often in a row one access may miss again right after its fill before the
+step gives up (a translator that never settles must not spin forever)."""
+
+
+class _Refills:
+    """Counts the fills of one step, to give up on an access that keeps missing."""
+
+    def __init__(self) -> None:
+        self.last: tuple[int, int] | None = None
+        self.repeats = 0
+
+    def again(self, miss: TranslationMiss) -> bool:
+        """Whether ``miss`` may be filled once more."""
+        key = (miss.iova, int(miss.access))
+        self.repeats = self.repeats + 1 if key == self.last else 0
+        self.last = key
+        return self.repeats < MAX_REFILLS
 
 
 class VirtioDevice:
@@ -69,6 +97,9 @@ class VirtioDevice:
         """Called with the queue and the reason when the device enters NEEDS_RESET."""
         self._tasks: dict[SplitQueue, set[asyncio.Task[None]]] = {}
         self._throttled: set[int] = set()
+        # A queue whose rings missed: the task filling them kicks it again.
+        self._ring_fills: dict[SplitQueue, asyncio.Task[None]] = {}
+        self._ring_refills: dict[SplitQueue, _Refills] = {}
 
     def offered_features(self) -> int:
         """The device's feature bits (transport-independent ones included)."""
@@ -142,12 +173,39 @@ class VirtioDevice:
     def kick(self, index: int) -> None:
         """The driver notified queue ``index``: process it, or break on a rule violation."""
         queue = self.queues.get(index)
-        if queue is None or self.needs_reset:
+        if queue is None or self.needs_reset or queue in self._ring_fills:
             return
         try:
             self.process(index, queue)
+        except TranslationMiss as miss:
+            self._fill_rings(index, queue, miss)
+            return
         except (VirtqueueError, *DMA_ERRORS) as e:
             self.fail(index, str(e))
+        self._ring_refills.pop(queue, None)
+
+    def _fill_rings(self, index: int, queue: SplitQueue, miss: TranslationMiss) -> None:
+        """Fills what a ring access of ``queue`` missed, then kicks it again."""
+        refills = self._ring_refills.setdefault(queue, _Refills())
+        if not refills.again(miss):
+            self.fail(index, f"rings: {miss}, again after {MAX_REFILLS} fills")
+            return
+        try:
+            task = asyncio.get_running_loop().create_task(
+                self._kick_after_fill(index, queue, miss), name=f"{self.name}-q{index}-fill")
+        except RuntimeError:
+            self.fail(index, f"rings: {miss} outside the event loop")
+            return
+        self._ring_fills[queue] = task
+
+    async def _kick_after_fill(self, index: int, queue: SplitQueue,
+                               miss: TranslationMiss) -> None:
+        try:
+            await fill(queue.dma, miss)
+        finally:
+            self._ring_fills.pop(queue, None)
+        if self.queues.get(index) is queue:
+            self.kick(index)
 
     def process(self, index: int, queue: SplitQueue) -> None:
         """Handles every available chain of ``queue``."""
@@ -175,13 +233,40 @@ class VirtioDevice:
 
     async def _run(self, index: int, queue: SplitQueue, chain: Chain,
                    handler: RequestHandler) -> None:
-        try:
-            written = await handler(queue, chain)
-        except Exception:  # a bug of ours must not leave the request pending
-            log.exception("%s: queue %d: internal error handling chain %d", self.name, index,
-                          chain.head)
-            written = 0
-        self.complete(index, queue, chain, written)
+        written = await self._handle(index, queue, chain, handler)
+        refills = _Refills()
+        pushed = False
+        while True:
+            try:
+                if not pushed:
+                    if not self._push(index, queue, chain, written):
+                        return
+                    pushed = True
+                self._signal(index, queue)
+                return
+            except TranslationMiss as miss:
+                if not refills.again(miss):
+                    self.fail(index, f"used ring: {miss}, again after {MAX_REFILLS} fills")
+                    return
+                await fill(queue.dma, miss)
+
+    async def _handle(self, index: int, queue: SplitQueue, chain: Chain,
+                      handler: RequestHandler) -> int:
+        """Runs ``handler`` until no translation misses; returns the length it wrote."""
+        refills = _Refills()
+        while True:
+            try:
+                return await handler(queue, chain)
+            except TranslationMiss as miss:
+                if not refills.again(miss):
+                    log.error("%s: queue %d: chain %d: %s, again after %d fills; completed "
+                              "with 0", self.name, index, chain.head, miss, MAX_REFILLS)
+                    return 0
+                await fill(queue.dma, miss)
+            except Exception:  # a bug of ours must not leave the request pending
+                log.exception("%s: queue %d: internal error handling chain %d", self.name,
+                              index, chain.head)
+                return 0
 
     def spawn(self, index: int, queue: SplitQueue,
               coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
@@ -218,8 +303,17 @@ class VirtioDevice:
 
         Only if ``queue`` is still the device's queue ``index`` and the device
         is not broken; otherwise the completion is dropped (the old rings are
-        not touched) and False is returned.
+        not touched) and False is returned. (For a DMA space that misses, the
+        request tasks complete in two restartable steps instead.)
         """
+        if not self._push(index, queue, chain, written):
+            return False
+        self._signal(index, queue)
+        return not self.needs_reset
+
+    def _push(self, index: int, queue: SplitQueue, chain: Chain, written: int) -> bool:
+        """Puts ``chain`` in the used ring unless the completion is stale or the ring
+        faults (NEEDS_RESET); a TranslationMiss propagates with nothing written."""
         if self.queues.get(index) is not queue or self.needs_reset:
             log.debug("%s: queue %d: completion of chain %d dropped (queue reset, stopped "
                       "or replaced)", self.name, index, chain.head)
@@ -230,11 +324,20 @@ class VirtioDevice:
             written = min(max(written, 0), chain.writable_len)
         try:
             queue.push(chain, written)
-            self.interrupt(index)
         except DMA_ERRORS as e:
             self.fail(index, f"used ring: {e}")
             return False
         return True
+
+    def _signal(self, index: int, queue: SplitQueue) -> None:
+        """Interrupts for what was pushed on ``queue``, if it is still queue ``index``;
+        a TranslationMiss propagates with nothing changed."""
+        if self.queues.get(index) is not queue or self.needs_reset:
+            return
+        try:
+            self.interrupt(index)
+        except DMA_ERRORS as e:
+            self.fail(index, f"used ring: {e}")
 
     def cancel_requests(self, queue: SplitQueue | None = None) -> None:
         """Cancels the in-flight requests of ``queue`` (default: of every queue)."""
@@ -242,6 +345,11 @@ class VirtioDevice:
             if queue is None or q is queue:
                 for task in tasks:
                     task.cancel()
+        for q, task in list(self._ring_fills.items()):
+            if queue is None or q is queue:
+                task.cancel()
+                del self._ring_fills[q]
+                self._ring_refills.pop(q, None)
 
     @property
     def in_flight(self) -> int:
@@ -250,8 +358,8 @@ class VirtioDevice:
 
     async def wait_idle(self) -> None:
         """Waits until every request task has ended (including ones started meanwhile)."""
-        while self._tasks:
-            pending = set().union(*self._tasks.values())
+        while self._tasks or self._ring_fills:
+            pending = set().union(*self._tasks.values(), self._ring_fills.values())
             await asyncio.wait(pending)
             await asyncio.sleep(0)  # let the tasks' done callbacks run
 

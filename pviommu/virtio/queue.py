@@ -4,15 +4,23 @@ Everything read from the ring is driver-controlled and untrusted: indices,
 descriptor chains, indirect tables. A chain that breaks the spec's rules raises
 :class:`VirtqueueError`; the device then marks itself broken (NEEDS_RESET)
 instead of guessing.
+
+A DMA space may answer an access with
+:class:`~pviommu.iommu.translation.TranslationMiss` (its translation must be
+fetched asynchronously). Every operation here is restartable: a miss leaves
+the queue as it was (``pop`` advances ``next_avail`` only once the whole chain
+is walked; ``push`` and ``needs_interrupt`` change their indices only after
+their last access), so the caller awaits the fill and calls it again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from ..dma import Access, DmaSpace
+from ..dma import Access, DmaSpace, TranslationMiss
 
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
@@ -121,8 +129,21 @@ class SplitQueue:
         self.next_avail = next_avail & 0xFFFF
         self._rings: tuple[memoryview, memoryview, memoryview] | None = None
         self._rings_generation: object = None
-        self.used_idx = self._used_u16(2)
-        self._signalled_used = self.used_idx
+        self._used_idx: int | None = None
+        self._signalled_used = 0
+        with contextlib.suppress(TranslationMiss):  # else read on first use, from a
+            self._load_used_idx()                   # context that can wait for the fill
+
+    def _load_used_idx(self) -> int:
+        """The device's used index, read from the used ring the first time."""
+        if self._used_idx is None:
+            self._used_idx = self._signalled_used = self._used_u16(2)
+        return self._used_idx
+
+    @property
+    def used_idx(self) -> int:
+        """The free-running index of the next used-ring entry (read from memory at start)."""
+        return self._load_used_idx()
 
     def _views(self) -> tuple[memoryview, memoryview, memoryview] | None:
         """The descriptor table, available and used rings as local views, if cacheable."""
@@ -248,20 +269,23 @@ class SplitQueue:
     def push(self, chain: Chain | int, written: int) -> None:
         """Returns a chain to the driver, saying ``written`` bytes were written."""
         head = chain.head if isinstance(chain, Chain) else chain
-        self._put_used(4 + 8 * (self.used_idx % self.size), _USED_ELEM.pack(head, written))
-        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        used_idx = self._load_used_idx()
+        self._put_used(4 + 8 * (used_idx % self.size), _USED_ELEM.pack(head, written))
+        used_idx = (used_idx + 1) & 0xFFFF
         # x86-64 keeps stores in order, so the element is visible before the index.
-        self._put_used(2, _U16.pack(self.used_idx))
+        self._put_used(2, _U16.pack(used_idx))
+        self._used_idx = used_idx  # only now: a miss above leaves a push to redo whole
 
     def needs_interrupt(self) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last one."""
+        new = self._load_used_idx()
         old = self._signalled_used
-        new = self.used_idx
         if old == new:
             return False
-        self._signalled_used = new
         if self.event_idx:
             used_event = self._avail_u16(4 + 2 * self.size)
+            self._signalled_used = new
             return (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
         flags = self._avail_u16(0)
+        self._signalled_used = new
         return not flags & AVAIL_F_NO_INTERRUPT

@@ -27,7 +27,9 @@ class PageTranslator:
     def __init__(self, miss_first: bool = False) -> None:
         self.miss_first = miss_first
         self.pages: dict[tuple[int, int], tuple[int, Access]] = {}
-        self.present: set[tuple[int, int]] = set()
+        # What was fetched, with the access it was fetched for (as an IOTLB keeps the
+        # access it asked for): another access to the page misses again.
+        self.present: dict[tuple[int, int], Access] = {}
         self.generation = 0
         self.fills: list[tuple[int, int, Access]] = []
         self.misses = 0
@@ -41,7 +43,8 @@ class PageTranslator:
 
     def invalidate(self, endpoint: int | None = None) -> None:
         """Forgets every fetched page (of ``endpoint``, or all): they miss again."""
-        self.present = {p for p in self.present if endpoint is not None and p[0] != endpoint}
+        self.present = {p: a for p, a in self.present.items()
+                        if endpoint is not None and p[0] != endpoint}
         self.generation += 1
 
     def translate(self, endpoint: int, iova: int, length: int, access: Access
@@ -50,7 +53,8 @@ class PageTranslator:
         addr, end = iova, iova + length
         while addr < end:
             page = addr & ~(PAGE - 1)
-            if self.miss_first and (endpoint, page) not in self.present:
+            fetched = self.present.get((endpoint, page), Access(0))
+            if self.miss_first and access & ~fetched:
                 self.misses += 1
                 raise TranslationMiss(endpoint, addr, access)
             entry = self.pages.get((endpoint, page))
@@ -79,13 +83,14 @@ class PageTranslator:
         if (miss.endpoint, page) not in self.pages:
             raise DmaFault(Fault(miss.endpoint, miss.iova, miss.access,
                                  FaultReason.F_TRANSLATION, Stage.S1))
-        self.present.add((miss.endpoint, page))
+        key = (miss.endpoint, page)
+        self.present[key] = self.present.get(key, Access(0)) | miss.access
 
     def revoke(self, endpoint: int, iova: int) -> Revoked | None:
         page = iova & ~(PAGE - 1)
         entry = self.pages.pop((endpoint, page), None)
         if entry is None:
             return None
-        self.present.discard((endpoint, page))
+        self.present.pop((endpoint, page), None)
         self.generation += 1
         return Revoked(endpoint, 0, page, page + PAGE - 1, entry[0])
