@@ -13,12 +13,14 @@ from typing import Any
 
 from . import __version__
 from .devices.viommu import VirtioIommu
+from .dma import DmaSpace
 from .endpoints import Endpoint, EndpointSpec
 from .events import DeviceNeedsReset, EventBus, MappingRevoked, RevokedMemoryChecked
 from .iommu.dma_space import TranslatedDma
 from .iommu.pv import IommuConfig, PvIommu
 from .iommu.revocation import Revocations
 from .memory import GuestMemory, MemoryAccessError
+from .qmp.dma import DmaCommands
 from .qmp.server import MAX_CLIENTS as QMP_MAX_CLIENTS
 from .qmp.server import QmpServer
 from .qmp.viommu import EVENT_NEEDS_RESET as EVENT_NEEDS_RESET
@@ -98,6 +100,7 @@ class Backend:
             for d in config.devices}
         self.qmp.register("query-endpoint-devices", self._query_devices,
                           doc="The backend's DMA endpoint devices and their counters")
+        self.dma_commands = DmaCommands(self.qmp, self.dma_space)
         self.events.listen(self._check_revoked, MappingRevoked)
         self._announce_needs_reset()
 
@@ -147,6 +150,13 @@ class Backend:
                                "messages-refused": self.vhost.stats["refused"],
                                "protocol-errors": self.vhost.stats["protocol_errors"],
                                "device-errors": self.vhost.stats["device_errors"]}}
+
+    def dma_space(self, endpoint: int) -> DmaSpace | None:
+        """The DMA space endpoint device ``endpoint`` does its DMA through (None: the
+        backend has no device with that ID). QMP's ``inject-dma`` finds endpoints here,
+        so every kind of endpoint device is to be found here."""
+        ep = self.endpoints.get(endpoint)
+        return ep.dma if ep is not None else None
 
     def endpoint_dma(self, endpoint: int, memory: GuestMemory) -> TranslatedDma:
         """The DMA space of ``endpoint``: translated by the PV-IOMMU, revocable, and its
