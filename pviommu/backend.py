@@ -1,5 +1,6 @@
 """The backend process: a PV-IOMMU served over vhost-user, its DMA endpoints served
-over vfio-user, everything driven over QMP."""
+over vfio-user (PV mode) or over vhost-user behind QEMU's SMMUv3 (vSMMU mode, with
+the guest's stage 2 owned here), everything driven over QMP."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ from typing import Any
 from . import __version__
 from .devices.viommu import VirtioIommu
 from .dma import DmaSpace
-from .endpoints import Endpoint, EndpointSpec
+from .endpoints import Endpoint, EndpointSpec, VsmmuEndpoint
 from .events import DeviceNeedsReset, EventBus, MappingRevoked, RevokedMemoryChecked
 from .iommu.dma_space import TranslatedDma
 from .iommu.pv import IommuConfig, PvIommu
 from .iommu.revocation import Revocations
+from .iommu.vsmmu import Vsmmu
 from .memory import GuestMemory, MemoryAccessError
 from .qmp.dma import DmaCommands
 from .qmp.server import MAX_CLIENTS as QMP_MAX_CLIENTS
@@ -26,6 +28,7 @@ from .qmp.server import QmpServer
 from .qmp.viommu import EVENT_NEEDS_RESET as EVENT_NEEDS_RESET
 from .qmp.viommu import EVENT_REVOKED as EVENT_REVOKED
 from .qmp.viommu import ViommuCommands, check_args
+from .qmp.vsmmu import VsmmuCommands
 from .transport.vfio_user.server import DEFAULT_MAX_DMA_MAPS
 from .transport.vhost_user.backend import VhostUserServer
 
@@ -37,9 +40,13 @@ REVOKED_DIGEST_MAX = 64 << 20
 
 @dataclass
 class BackendConfig:
-    """Where the backend listens and what its PV-IOMMU presents."""
+    """Where the backend listens and what its PV-IOMMU presents.
 
-    viommu_socket: Path
+    ``viommu_socket`` may be None when every device is a vSMMU endpoint: then no
+    PV-IOMMU is served.
+    """
+
+    viommu_socket: Path | None
     qmp_socket: Path | None = None
     endpoints: list[int] | None = None
     iommu: IommuConfig = field(default_factory=IommuConfig)
@@ -55,11 +62,12 @@ class BackendConfig:
     """QMP clients connected at once; one more is refused."""
 
     def endpoint_ids(self) -> list[int] | None:
-        """The IDs that exist behind the PV-IOMMU (None: any), the devices' included."""
-        if self.endpoints is None and not self.devices:
+        """The IDs that exist behind the PV-IOMMU (None: any), its devices' included."""
+        pv = [d.endpoint for d in self.devices if d.mode == "pv"]
+        if self.endpoints is None and not pv:
             return None
         ids = list(self.endpoints or [])
-        return ids + [d.endpoint for d in self.devices if d.endpoint not in ids]
+        return ids + [e for e in pv if e not in ids]
 
 
 def _qmp_version() -> dict[str, Any]:
@@ -87,22 +95,38 @@ class Backend:
         self.iommu = PvIommu(config.iommu, config.endpoint_ids(), self.events)
         self.device = VirtioIommu(self.iommu, self.events)
         self.revocations = Revocations(self.iommu, self.events)
-        self.vhost = VhostUserServer(config.viommu_socket, self.device,
-                                     allow_unsealed_memory=config.allow_unsealed_memory,
-                                     group=config.socket_group)
+        if config.viommu_socket is None and any(d.mode == "pv" for d in config.devices):
+            raise ValueError("PV endpoint devices need the PV-IOMMU's socket")
+        self.vhost = (VhostUserServer(config.viommu_socket, self.device,
+                                      allow_unsealed_memory=config.allow_unsealed_memory,
+                                      group=config.socket_group)
+                      if config.viommu_socket is not None else None)
         self.qmp = QmpServer(_qmp_version(), max_clients=config.qmp_max_clients)
         self.commands = ViommuCommands(self.qmp, self.iommu, self.device, self._transport_stats,
                                        self.events, self.revocations)
-        self.endpoints = {
-            d.endpoint: Endpoint(d, self.endpoint_dma, max_dma_maps=config.max_dma_maps,
-                                 socket_group=config.socket_group,
-                                 allow_unsealed_memory=config.allow_unsealed_memory)
-            for d in config.devices}
+        # One guest, one stage 2: shared by every vSMMU endpoint.
+        self.vsmmu = (Vsmmu(self.events) if any(d.mode == "vsmmu" for d in config.devices)
+                      else None)
+        self.endpoints: dict[int, Endpoint | VsmmuEndpoint] = {
+            d.endpoint: self._endpoint(d) for d in config.devices}
+        if self.vsmmu is not None:
+            self.vsmmu_commands = VsmmuCommands(
+                self.qmp, self.vsmmu.stage2, self.vsmmu.queue, self.events,
+                self.vsmmu.revocations, [d.endpoint for d in config.devices if d.mode == "vsmmu"])
         self.qmp.register("query-endpoint-devices", self._query_devices,
                           doc="The backend's DMA endpoint devices and their counters")
         self.dma_commands = DmaCommands(self.qmp, self.dma_space)
         self.events.listen(self._check_revoked, MappingRevoked)
         self._announce_needs_reset()
+
+    def _endpoint(self, spec: EndpointSpec) -> Endpoint | VsmmuEndpoint:
+        if spec.mode == "vsmmu":
+            assert self.vsmmu is not None
+            return VsmmuEndpoint(spec, self.vsmmu, socket_group=self.config.socket_group,
+                                 allow_unsealed_memory=self.config.allow_unsealed_memory)
+        return Endpoint(spec, self.endpoint_dma, max_dma_maps=self.config.max_dma_maps,
+                        socket_group=self.config.socket_group,
+                        allow_unsealed_memory=self.config.allow_unsealed_memory)
 
     def _announce_needs_reset(self) -> None:
         """Every device that enters NEEDS_RESET publishes DeviceNeedsReset (QMP
@@ -146,6 +170,8 @@ class Backend:
             after()
 
     def _transport_stats(self) -> dict[str, Any]:
+        if self.vhost is None:
+            return {}
         return {"vhost-user": {"connections": self.vhost.connections,
                                "messages-refused": self.vhost.stats["refused"],
                                "protocol-errors": self.vhost.stats["protocol_errors"],
@@ -171,7 +197,8 @@ class Backend:
         there), the ones already bound are closed and removed before it raises.
         """
         try:
-            await self.vhost.start()
+            if self.vhost is not None:
+                await self.vhost.start()
             for ep in self.endpoints.values():
                 await ep.start()
             if self.config.qmp_socket is not None:
@@ -180,18 +207,22 @@ class Backend:
             await self.close()
             raise
         eps = self.iommu.known
-        log.info("PV-IOMMU listening on %s (QMP %s); endpoints %s", self.config.viommu_socket,
-                 self.config.qmp_socket or "off",
-                 ", ".join(f"{e:#x}" for e in sorted(eps)) if eps is not None else "any ID")
+        if self.vhost is not None:
+            log.info("PV-IOMMU listening on %s (QMP %s); endpoints %s",
+                     self.config.viommu_socket, self.config.qmp_socket or "off",
+                     ", ".join(f"{e:#x}" for e in sorted(eps)) if eps is not None
+                     else "any ID")
         for ep in self.endpoints.values():
-            log.info("%s endpoint %#x on %s", ep.spec.kind, ep.spec.endpoint, ep.spec.socket)
+            log.info("%s endpoint %#x (%s, %s) on %s", ep.spec.kind, ep.spec.endpoint,
+                     ep.spec.mode, ep.spec.transport, ep.spec.socket)
 
     async def close(self) -> None:
         """Closes every socket and drops the current frontends."""
         await self.qmp.close()
         for ep in self.endpoints.values():
             await ep.close()
-        await self.vhost.close()
+        if self.vhost is not None:
+            await self.vhost.close()
 
     async def __aenter__(self) -> Backend:
         await self.start()

@@ -19,7 +19,7 @@ import libfdt
 
 from . import kconfig, provision
 from .backend import Backend, BackendConfig
-from .endpoints import EndpointSpec, create_image, parse_endpoint_id
+from .endpoints import EndpointSpec, create_image, kind_option, parse_endpoint_id
 from .iommu.pv import IommuConfig, ResvRegion, ResvType
 from .machine.console import GuestFailed, GuestTimeout
 from .machine.dtb import DtbError, add_pci_iommu
@@ -165,14 +165,14 @@ def _positive(text: str) -> int:
     return value
 
 
-def _endpoint_device(kind: str) -> Callable[[str], EndpointSpec]:
+def _endpoint_device(kind: str, transport: str = "vfio-user") -> Callable[[str], EndpointSpec]:
     """Parses SOCKET,endpoint=ID[,image=PATH][,size=SIZE][,ro][,serial=S]."""
     def parse(text: str) -> EndpointSpec:
         try:
-            return EndpointSpec.parse(kind, text)
+            return EndpointSpec.parse(kind, text, transport)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
-    parse.__name__ = f"--{kind}"
+    parse.__name__ = f"--{kind_option(kind, transport)}"
     return parse
 
 
@@ -244,12 +244,16 @@ async def _serve(config: BackendConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, task.cancel)
     async with Backend(config) as backend:
-        print(f"pviommu: serving virtio-iommu on {config.viommu_socket}"
-              + (f", QMP on {config.qmp_socket}" if config.qmp_socket else ""),
-              file=sys.stderr, flush=True)
+        if config.viommu_socket is not None:
+            print(f"pviommu: serving virtio-iommu on {config.viommu_socket}"
+                  + (f", QMP on {config.qmp_socket}" if config.qmp_socket else ""),
+                  file=sys.stderr, flush=True)
+        elif config.qmp_socket:
+            print(f"pviommu: QMP on {config.qmp_socket}", file=sys.stderr, flush=True)
         for d in config.devices:
+            where = "" if d.mode == "pv" else ", vSMMU mode over vhost-user"
             print(f"pviommu: serving virtio-{d.kind} endpoint {d.endpoint:#x} "
-                  f"({pci_name(d.endpoint)}) on {d.socket}", file=sys.stderr, flush=True)
+                  f"({pci_name(d.endpoint)}{where}) on {d.socket}", file=sys.stderr, flush=True)
         with contextlib.suppress(asyncio.CancelledError):
             await backend.serve_forever()
 
@@ -296,7 +300,15 @@ def cmd_patch_dtb(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    devices = args.blk + args.rng
+    devices = args.blk + args.rng + args.vsmmu_blk + args.vsmmu_rng
+    if args.viommu is None and args.blk + args.rng:
+        print("pviommu: error: --blk and --rng endpoints sit behind the PV-IOMMU: "
+              "give its socket with --viommu", file=sys.stderr)
+        return 2
+    if args.viommu is None and not devices:
+        print("pviommu: error: nothing to serve: give --viommu, or vSMMU endpoints "
+              "(--vsmmu-blk, --vsmmu-rng)", file=sys.stderr)
+        return 2
     ids = [d.endpoint for d in devices]
     if len(set(ids)) != len(ids):
         print("pviommu: error: two endpoint devices share an endpoint ID", file=sys.stderr)
@@ -306,7 +318,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except SocketPathError as exc:
         print(f"pviommu: error: {exc}", file=sys.stderr)
         return 2
-    for d in args.blk:
+    for d in args.blk + args.vsmmu_blk:
         try:
             if create_image(d):
                 print(f"pviommu: created {d.image} ({d.size} bytes, sparse)", file=sys.stderr)
@@ -348,9 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check_kernel)
 
     p = sub.add_parser("serve", help="run the backend: a PV-IOMMU on a vhost-user socket and "
-                                     "its endpoints on vfio-user sockets")
-    p.add_argument("--viommu", type=Path, required=True, metavar="PATH",
-                   help="vhost-user socket for QEMU's vhost-user-test-device-pci")
+                                     "its endpoints on vfio-user sockets, and/or vSMMU "
+                                     "endpoints on vhost-user sockets")
+    p.add_argument("--viommu", type=Path, metavar="PATH",
+                   help="vhost-user socket for QEMU's vhost-user-test-device-pci (the "
+                        "PV-IOMMU); needed unless only vSMMU endpoints are served")
     p.add_argument("--qmp", type=Path, metavar="PATH", help="QMP socket of the backend")
     p.add_argument("--qmp-max-clients", type=_positive, default=QMP_MAX_CLIENTS, metavar="N",
                    help="QMP clients connected at once; one more is refused with an error "
@@ -368,6 +382,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rng", type=_endpoint_device("rng"), action="append", default=[],
                    metavar="SOCKET,endpoint=ID",
                    help="serve a virtio-rng endpoint over vfio-user on SOCKET (repeatable)")
+    p.add_argument("--vsmmu-blk", type=_endpoint_device("blk", "vhost-user"), action="append",
+                   default=[], metavar="SOCKET,endpoint=ID,image=PATH[,size=SIZE][,ro][,serial=S]",
+                   help="serve a virtio-blk endpoint in vSMMU mode: over vhost-user on SOCKET "
+                        "to QEMU's vhost-user-blk-pci (iommu_platform=on, num-queues=1) behind "
+                        "-M virt,iommu=smmuv3; ID is its PCI address (its StreamID); options "
+                        "as --blk (repeatable)")
+    p.add_argument("--vsmmu-rng", type=_endpoint_device("rng", "vhost-user"), action="append",
+                   default=[], metavar="SOCKET,endpoint=ID",
+                   help="serve a virtio-rng endpoint in vSMMU mode over vhost-user on SOCKET "
+                        "to QEMU's vhost-user-rng-pci (iommu_platform=on) (repeatable)")
     p.add_argument("--socket-group", metavar="GROUP",
                    help="let GROUP (a name or GID) connect to every socket: they are created "
                         "0660 with that group instead of owner-only 0600")

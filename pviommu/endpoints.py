@@ -1,14 +1,19 @@
-"""The backend's DMA endpoints: virtio devices on PCI functions served over vfio-user.
+"""The backend's DMA endpoints: the same virtio device models over two transports.
 
-Each endpoint has its own vfio-user socket, its own DMA-map table (the guest
-memory QEMU hands over with DMA_MAP) and an endpoint ID, the PCI requester ID
-QEMU gives it on the bus. Its DMA space is its PV-IOMMU domain.
+A PV-mode endpoint (:class:`Endpoint`) is a PCI function served over vfio-user:
+its own socket, its own DMA-map table (the guest memory QEMU hands over with
+DMA_MAP) and an endpoint ID, the PCI requester ID QEMU gives it on the bus; its
+DMA space is its PV-IOMMU domain. A vSMMU-mode endpoint (:class:`VsmmuEndpoint`)
+is served over vhost-user to QEMU's ``vhost-user-*-pci`` behind QEMU's SMMUv3:
+its endpoint ID is its StreamID, and its DMA space translates through the
+guest's stage 1 (the connection's device IOTLB) and the backend's stage 2.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +22,17 @@ from typing import Any
 from .devices.blk import SECTOR, VirtioBlk
 from .devices.rng import VirtioRng
 from .dma import DmaSpace
+from .iommu.vsmmu import Vsmmu
 from .machine.topology import pci_rid
 from .memory import GuestMemory
 from .transport.vfio_user.server import DEFAULT_MAX_DMA_MAPS, VfioUserServer
+from .transport.vhost_user.backend import VhostUserConnection, VhostUserServer
 from .virtio.device import VirtioDevice
 from .virtio.pci import VirtioPciFunction
 
 KINDS = ("blk", "rng")
+TRANSPORTS = {"vfio-user": "pv", "vhost-user": "vsmmu"}
+"""Each transport and the translation mode its endpoints are in."""
 _SIZE = re.compile(r"(\d+)([KMGT]?)(?:i?B)?", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -62,10 +71,12 @@ def parse_size(text: str) -> int:
 
 @dataclass(frozen=True)
 class EndpointSpec:
-    """One endpoint device: its kind, vfio-user socket, endpoint ID and options.
+    """One endpoint device: its kind, socket, endpoint ID, transport and options.
 
-    A blk endpoint's ``image`` must exist, unless ``size`` is given: then
-    :func:`create_image` creates it sparse, and an existing one must have that size.
+    ``transport`` is "vfio-user" (PV mode, behind the PV-IOMMU) or "vhost-user"
+    (vSMMU mode, behind QEMU's SMMUv3). A blk endpoint's ``image`` must exist,
+    unless ``size`` is given: then :func:`create_image` creates it sparse, and an
+    existing one must have that size.
     """
 
     kind: str
@@ -75,10 +86,14 @@ class EndpointSpec:
     read_only: bool = False
     serial: str = "pviommu"
     size: int | None = None
+    transport: str = "vfio-user"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown endpoint kind {self.kind!r} (known: {', '.join(KINDS)})")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"unknown transport {self.transport!r} "
+                             f"(known: {', '.join(TRANSPORTS)})")
         if self.kind != "blk":
             return
         if self.image is None:
@@ -90,10 +105,21 @@ class EndpointSpec:
             raise ValueError(f"blk image {image} does not exist (add size=SIZE, e.g. "
                              "size=64M, to create it)")
 
+    @property
+    def mode(self) -> str:
+        """The translation mode: "pv" or "vsmmu"."""
+        return TRANSPORTS[self.transport]
+
+    @property
+    def option(self) -> str:
+        """The ``pviommu serve`` option that declares such an endpoint."""
+        return f"--{kind_option(self.kind, self.transport)}"
+
     @classmethod
-    def parse(cls, kind: str, text: str) -> EndpointSpec:
+    def parse(cls, kind: str, text: str, transport: str = "vfio-user") -> EndpointSpec:
         """Parses ``SOCKET,endpoint=ID[,image=PATH][,size=SIZE][,ro][,serial=S]``
         (the options after SOCKET are blk's); ValueError says what is wrong."""
+        option = kind_option(kind, transport)
         socket, *opts = text.split(",")
         fields: dict[str, Any] = {}
         for opt in opts:
@@ -109,10 +135,15 @@ class EndpointSpec:
             elif key == "ro" and not eq and kind == "blk":
                 fields["read_only"] = True
             else:
-                raise ValueError(f"{opt!r} is not an option of --{kind}")
+                raise ValueError(f"{opt!r} is not an option of --{option}")
         if not socket or "endpoint" not in fields:
-            raise ValueError(f"--{kind} needs SOCKET,endpoint=ID")
-        return cls(kind, Path(socket), **fields)
+            raise ValueError(f"--{option} needs SOCKET,endpoint=ID")
+        return cls(kind, Path(socket), **fields, transport=transport)
+
+
+def kind_option(kind: str, transport: str) -> str:
+    """The serve option's name for ``kind`` over ``transport`` (blk, vsmmu-blk...)."""
+    return kind if transport == "vfio-user" else f"vsmmu-{kind}"
 
 
 def create_image(spec: EndpointSpec) -> bool:
@@ -179,10 +210,74 @@ class Endpoint:
     def state(self) -> dict[str, Any]:
         """What QMP reports about the endpoint."""
         return {"id": self.spec.endpoint, "kind": self.spec.kind,
+                "transport": self.spec.transport, "mode": self.spec.mode,
                 "socket": str(self.spec.socket),
                 "image": str(self.spec.image) if self.spec.image else None,
                 "connections": self.server.connections,
                 "status": self.device.status,
                 "needs-reset": self.device.needs_reset,
                 "stats": dict(self.device.stats),  # type: ignore[attr-defined]
-                "transport": dict(self.server.stats)}
+                "transport-stats": dict(self.server.stats)}
+
+
+class VsmmuEndpoint:
+    """A running vSMMU endpoint: the device model served over vhost-user; each
+    connection's rings and buffers go through the nested translation of ``vsmmu``."""
+
+    def __init__(self, spec: EndpointSpec, vsmmu: Vsmmu, *,
+                 socket_group: int | None = None, allow_unsealed_memory: bool = False,
+                 iotlb_miss_timeout: float = 10.0) -> None:
+        self.spec = spec
+        self.vsmmu = vsmmu
+        self.device = make_device(spec)
+        self.translation_stats: Counter[str] = Counter()
+        self.server = VhostUserServer(spec.socket, self.device, on_connect=self._wire,
+                                      allow_unsealed_memory=allow_unsealed_memory,
+                                      group=socket_group, iotlb_miss_timeout=iotlb_miss_timeout)
+        self._empty = GuestMemory()
+
+    def _wire(self, conn: VhostUserConnection) -> None:
+        conn.iova_dma = self.vsmmu.dma(conn.iotlb, self.spec.endpoint, conn.memory,
+                                       self.translation_stats)
+
+    @property
+    def dma(self) -> DmaSpace | None:
+        """The DMA space of the current connection (None while QEMU is not connected)."""
+        conn = self.server.connection
+        return conn.iova_dma if conn is not None else None
+
+    @property
+    def memory(self) -> GuestMemory:
+        """The guest memory of the current connection (empty while none)."""
+        conn = self.server.connection
+        return conn.memory if conn is not None else self._empty
+
+    async def start(self) -> None:
+        """Listens on the endpoint's vhost-user socket."""
+        await self.server.start()
+
+    async def close(self) -> None:
+        """Stops serving, closes the device's backing file."""
+        await self.server.close()
+        if isinstance(self.device, VirtioBlk):
+            self.device.close()
+
+    def state(self) -> dict[str, Any]:
+        """What QMP reports about the endpoint: as a PV one, plus the IOTLB round trips
+        and the nested translation's counters."""
+        stats = self.server.stats
+        return {"id": self.spec.endpoint, "kind": self.spec.kind,
+                "transport": self.spec.transport, "mode": self.spec.mode,
+                "socket": str(self.spec.socket),
+                "image": str(self.spec.image) if self.spec.image else None,
+                "connections": self.server.connections,
+                "status": self.device.status,
+                "needs-reset": self.device.needs_reset,
+                "stats": dict(self.device.stats),  # type: ignore[attr-defined]
+                "iotlb": {"miss": stats["iotlb_miss"], "update": stats["iotlb_update"],
+                          "invalidate": stats["iotlb_invalidate"],
+                          "miss-refused": stats["iotlb_miss_refused"],
+                          "miss-timeout": stats["iotlb_miss_timeout"],
+                          "update-unsolicited": stats["iotlb_update_unsolicited"]},
+                "translation": dict(self.translation_stats),
+                "transport-stats": dict(stats)}
