@@ -46,8 +46,10 @@ _HAS_REPLY = {R.GET_FEATURES, R.GET_PROTOCOL_FEATURES, R.GET_VRING_BASE, R.GET_Q
 _ALWAYS_ACKED = {R.IOTLB_MSG}
 
 # Requests valid before SET_OWNER (QEMU asks for features first).
+# QEMU 10.2 sets up the back-end channel (SET_BACKEND_REQ_FD) in its back-end init,
+# before vhost_dev_init sends SET_OWNER (seen with vhost-user-blk-pci, iommu_platform=on).
 _BEFORE_OWNER = {R.GET_FEATURES, R.SET_OWNER, R.GET_PROTOCOL_FEATURES,
-                 R.SET_PROTOCOL_FEATURES, R.GET_QUEUE_NUM}
+                 R.SET_PROTOCOL_FEATURES, R.GET_QUEUE_NUM, R.SET_BACKEND_REQ_FD}
 
 
 class Refused(Exception):
