@@ -36,18 +36,25 @@ START_TIMEOUT = 20.0
 
 @dataclass(frozen=True)
 class Resources:
-    """What a process holds: open fds, mapped regions, resident memory."""
+    """What a process holds: open fds, mappings of files (guest RAM memfds among them;
+    anonymous ones are left out, the allocator makes and keeps those as it likes),
+    resident memory."""
 
     fds: int
     maps: int
     rss_kib: int
 
 
+def _file_backed(maps_line: str) -> bool:
+    fields = maps_line.split(maxsplit=5)
+    return len(fields) == 6 and fields[5].startswith("/")
+
+
 def resources(pid: int) -> Resources:
-    """The fds, /proc/PID/maps lines and VmRSS of process ``pid``."""
+    """The fds, file-backed /proc/PID/maps lines and VmRSS of process ``pid``."""
     fds = len(os.listdir(f"/proc/{pid}/fd"))
     with open(f"/proc/{pid}/maps") as f:
-        maps = sum(1 for _ in f)
+        maps = sum(1 for line in f if _file_backed(line))
     rss = 0
     with open(f"/proc/{pid}/status") as f:
         for line in f:
