@@ -128,6 +128,41 @@ class VfioUserPci(Device):
 
 
 @dataclass
+class VhostUserBlkPci(Device):
+    """QEMU's stock vhost-user-blk-pci, served by the backend (a vSMMU-mode endpoint).
+
+    ``iommu_platform=on`` makes its DMA go through QEMU's IOMMU (the SMMUv3):
+    QEMU answers the backend's IOTLB misses with the guest's stage-1
+    translation. The device is transitional, and a transitional device refuses
+    iommu_platform, hence ``disable-legacy=on``; ``num-queues=1`` matches the
+    backend's single request queue.
+    """
+
+    socket: Path = Path()
+    addr: str = "2.0"
+    id: str = "vblk"
+
+    def qemu_args(self) -> list[str]:
+        return ["-chardev", f"socket,id={self.id},path={self.socket}",
+                "-device", f"vhost-user-blk-pci,chardev={self.id},addr={self.addr},"
+                "iommu_platform=on,num-queues=1,disable-legacy=on"]
+
+
+@dataclass
+class VhostUserRngPci(Device):
+    """QEMU's stock vhost-user-rng-pci, served by the backend, behind QEMU's IOMMU."""
+
+    socket: Path = Path()
+    addr: str = "3.0"
+    id: str = "vrng"
+
+    def qemu_args(self) -> list[str]:
+        return ["-chardev", f"socket,id={self.id},path={self.socket}",
+                "-device", f"vhost-user-rng-pci,chardev={self.id},addr={self.addr},"
+                "iommu_platform=on"]
+
+
+@dataclass
 class Topology:
     """An Arm virt machine: CPU, memory, guest boot files and PCI devices."""
 
@@ -140,10 +175,15 @@ class Topology:
     gic_version: int = 3
     devices: list[Device] = field(default_factory=list)
     dtb: Path | None = None
+    iommu: str | None = None
+    """The virt machine's own IOMMU (``"smmuv3"``: QEMU's SMMUv3 on the PCI bus,
+    the guest's stage 1 in vSMMU mode); None for none."""
 
     def machine_option(self, dumpdtb: Path | None = None) -> str:
         """The value of -machine."""
         opt = f"virt,gic-version={self.gic_version},memory-backend=mem"
+        if self.iommu is not None:
+            opt += f",iommu={self.iommu}"
         if dumpdtb is not None:
             opt += f",dumpdtb={dumpdtb}"
         return opt

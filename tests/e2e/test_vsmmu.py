@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -22,7 +20,7 @@ from pviommu.endpoints import EndpointSpec
 from pviommu.iommu.smmu_events import SmmuEvent
 from pviommu.machine.guest_image import build_guest_image
 from pviommu.machine.qemu import QemuMachine
-from pviommu.machine.topology import Device, Topology, pci_rid
+from pviommu.machine.topology import Topology, VhostUserBlkPci, VhostUserRngPci, pci_rid
 from pviommu.qmp.vsmmu import EVENT_VSMMU
 from pviommu.scenarios import pv
 from pviommu.scenarios.dma import DmaPlan, make_image
@@ -73,29 +71,6 @@ mark DONE
 """
 
 
-@dataclass
-class VhostUserPci(Device):
-    """A stock vhost-user-blk-pci / vhost-user-rng-pci behind QEMU's IOMMU."""
-
-    socket: Path = Path()
-    driver: str = "vhost-user-blk-pci"
-
-    def qemu_args(self) -> list[str]:
-        # vhost-user-blk-pci is transitional: iommu_platform needs it modern-only.
-        extra = (",num-queues=1,disable-legacy=on" if self.driver == "vhost-user-blk-pci"
-                 else "")
-        return ["-chardev", f"socket,id={self.id},path={self.socket}",
-                "-device", f"{self.driver},chardev={self.id},addr={self.addr},"
-                f"iommu_platform=on{extra}"]
-
-
-class SmmuTopology(Topology):
-    """The virt machine with QEMU's SMMUv3 on the PCI bus (guest stage 1)."""
-
-    def machine_option(self, dumpdtb: Path | None = None) -> str:
-        return super().machine_option(dumpdtb) + ",iommu=smmuv3"
-
-
 async def _event(events, name, timeout=60):
     while True:
         event = await asyncio.wait_for(events.get(), timeout)
@@ -119,11 +94,10 @@ async def test_vsmmu_blk_and_rng_with_a_stage2_fault(qemu, assets, tmp_path):
     async with Backend(config):
         client, events = await pv.backend_qmp(config.qmp_socket)
         try:
-            topology = SmmuTopology(kernel=assets.kernel, initrd=initrd,
-                                    append="console=ttyAMA0 panic=-1 quiet",
-                                    devices=[VhostUserPci("2.0", "vblk", blk.socket),
-                                             VhostUserPci("3.0", "vrng", rng.socket,
-                                                          "vhost-user-rng-pci")])
+            topology = Topology(kernel=assets.kernel, initrd=initrd, iommu="smmuv3",
+                                append="console=ttyAMA0 panic=-1 quiet",
+                                devices=[VhostUserBlkPci(BLK_ADDR, "vblk", blk.socket),
+                                         VhostUserRngPci(RNG_ADDR, "vrng", rng.socket)])
             vm = QemuMachine(qemu, topology, tmp_path, log_file=tmp_path / "console.log")
             async with vm:
                 console = vm.console

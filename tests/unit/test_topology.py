@@ -8,6 +8,8 @@ import pytest
 from pviommu.machine.topology import (
     Topology,
     VfioUserPci,
+    VhostUserBlkPci,
+    VhostUserRngPci,
     VirtioBlkPci,
     VirtioIommuPci,
     pci_addr,
@@ -54,3 +56,19 @@ def test_a_vfio_user_endpoint_is_a_json_device_with_its_socket():
     assert json.loads(argv[1]) == {"driver": "vfio-user-pci", "id": "blk", "addr": "3.0",
                                    "socket": {"type": "unix", "path": "/run/blk.sock"}}
     assert dev.endpoint_id == 0x18
+
+
+def test_vsmmu_machine_has_qemu_smmuv3_and_stock_vhost_user_devices():
+    topo = Topology(kernel=Path("/k"), initrd=Path("/i"), iommu="smmuv3",
+                    devices=[VhostUserBlkPci(socket=Path("/b.sock")),
+                             VhostUserRngPci(socket=Path("/r.sock"))])
+    argv = topo.command_line(Path("/q"))
+    assert argv[argv.index("-machine") + 1] == "virt,gic-version=3,memory-backend=mem,iommu=smmuv3"
+    joined = " ".join(argv)
+    assert "socket,id=vblk,path=/b.sock" in joined
+    assert ("vhost-user-blk-pci,chardev=vblk,addr=2.0,iommu_platform=on,num-queues=1,"
+            "disable-legacy=on") in joined
+    assert "vhost-user-rng-pci,chardev=vrng,addr=3.0,iommu_platform=on" in joined
+    assert [d.endpoint_id for d in topo.devices] == [0x10, 0x18]
+    assert "iommu=" not in " ".join(Topology(kernel=Path("/k"), initrd=Path("/i"))
+                                    .command_line(Path("/q")))
