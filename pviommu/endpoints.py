@@ -22,11 +22,14 @@ from typing import Any
 from .devices.blk import SECTOR, VirtioBlk
 from .devices.rng import VirtioRng
 from .dma import DmaSpace
+from .iommu.faults import Access
+from .iommu.nested import Stage1Refused, Stage1Unavailable
 from .iommu.vsmmu import Vsmmu
 from .machine.topology import pci_rid
 from .memory import GuestMemory
 from .transport.vfio_user.server import DEFAULT_MAX_DMA_MAPS, VfioUserServer
 from .transport.vhost_user.backend import VhostUserConnection, VhostUserServer
+from .transport.vhost_user.iotlb import DeviceIotlb, IotlbError, IotlbMissRefused
 from .virtio.device import VirtioDevice
 from .virtio.pci import VirtioPciFunction
 
@@ -220,6 +223,30 @@ class Endpoint:
                 "transport-stats": dict(self.server.stats)}
 
 
+class IotlbStage1:
+    """A vhost-user device IOTLB as the nested translator's stage 1: the transport's
+    errors become the IOMMU layer's (a MISS QEMU acked with failure is a stage-1 fault
+    QEMU's SMMUv3 reported to the guest; any other is a stage 1 that cannot be had)."""
+
+    def __init__(self, iotlb: DeviceIotlb) -> None:
+        self.iotlb = iotlb
+        self.lookup = iotlb.lookup
+
+    @property
+    def generation(self) -> int:
+        """The IOTLB's generation (moves on every invalidation, stop and new memory)."""
+        return self.iotlb.generation
+
+    async def fill(self, iova: int, access: Access | int) -> None:
+        """Asks QEMU for the translation of ``iova`` (IOTLB MISS)."""
+        try:
+            await self.iotlb.fill(iova, access)
+        except IotlbMissRefused as e:
+            raise Stage1Refused(str(e)) from None
+        except IotlbError as e:
+            raise Stage1Unavailable(str(e)) from None
+
+
 class VsmmuEndpoint:
     """A running vSMMU endpoint: the device model served over vhost-user; each
     connection's rings and buffers go through the nested translation of ``vsmmu``."""
@@ -237,8 +264,8 @@ class VsmmuEndpoint:
         self._empty = GuestMemory()
 
     def _wire(self, conn: VhostUserConnection) -> None:
-        conn.iova_dma = self.vsmmu.dma(conn.iotlb, self.spec.endpoint, conn.memory,
-                                       self.translation_stats)
+        conn.iova_dma = self.vsmmu.dma(IotlbStage1(conn.iotlb), self.spec.endpoint,
+                                       conn.memory, self.translation_stats)
 
     @property
     def dma(self) -> DmaSpace | None:

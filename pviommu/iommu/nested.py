@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..memory import GuestMemory
-from ..transport.vhost_user.iotlb import IotlbError, IotlbMissRefused
 from ..vmsa import Access as VmsaAccess
 from ..vmsa import FaultKind, VmsaFault
 from .faults import Access, DmaFault, Fault, FaultReason, Stage
@@ -32,18 +31,35 @@ from .translation import TranslationMiss
 MAX_CACHED_PAGES = 4096
 
 
-class Stage1Source(Protocol):
-    """Where stage-1 translations come from (the device IOTLB, or a test's fake)."""
+class Stage1Error(Exception):
+    """A stage-1 translation could not be had (:meth:`Stage1Source.fill`)."""
 
-    generation: int
+
+class Stage1Refused(Stage1Error):
+    """The guest's stage-1 tables refuse the access; whoever holds them (QEMU's SMMUv3)
+    has queued the fault event for the guest."""
+
+
+class Stage1Unavailable(Stage1Error):
+    """Stage 1 cannot be asked (no channel to it, no answer in time): the guest has no
+    record of this fault."""
+
+
+class Stage1Source(Protocol):
+    """Where stage-1 translations come from: the endpoint's device IOTLB (adapted by the
+    wiring, which knows the transport) or a test's fake."""
+
+    @property
+    def generation(self) -> int:
+        """Moves whenever a stage-1 translation given out may have gone."""
+        ...
 
     def lookup(self, iova: int, length: int, access: Access | int
                ) -> list[tuple[int, int]] | None: ...
 
     async def fill(self, iova: int, access: Access | int) -> None:
-        """Fetches the translation of ``iova``; raises
-        :class:`~pviommu.transport.vhost_user.iotlb.IotlbMissRefused` when the guest's
-        tables refuse it, another ``IotlbError`` when it cannot be had."""
+        """Fetches the translation of ``iova``; raises :class:`Stage1Refused` when the
+        guest's tables refuse it, :class:`Stage1Unavailable` when it cannot be had."""
         ...
 
 
@@ -180,8 +196,8 @@ class NestedTranslator:
         access = miss.access
         try:
             await self.stage1.fill(miss.iova, access)
-        except IotlbError as e:
-            refused = isinstance(e, IotlbMissRefused)
+        except Stage1Error as e:
+            refused = isinstance(e, Stage1Refused)
             self.stats["stage1_faults" if refused else "stage1_unavailable"] += 1
             raise DmaFault(NestedFault(self.endpoint, miss.iova, access,
                                        FaultReason.F_TRANSLATION, Stage.S1,

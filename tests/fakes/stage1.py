@@ -3,14 +3,14 @@
 :class:`FakeStage1` behaves like :class:`~pviommu.transport.vhost_user.iotlb.DeviceIotlb`
 behind QEMU's SMMUv3: ``tables`` is the guest's stage 1 (iova page -> IPA page);
 nothing is at hand until a fill fetches it (as an IOTLB MISS would), a fill of a
-page the tables lack raises ``IotlbMissRefused`` (QEMU acks the MISS with 1), and
+page the tables lack raises ``Stage1Refused`` (QEMU acks the MISS with 1), and
 :meth:`invalidate` is the guest's TLB invalidation arriving from QEMU.
 """
 
 from __future__ import annotations
 
 from pviommu.iommu.faults import Access
-from pviommu.transport.vhost_user.iotlb import IotlbMissRefused, IotlbUnavailable
+from pviommu.iommu.nested import Stage1Refused, Stage1Unavailable
 
 PAGE = 0x1000
 
@@ -63,10 +63,11 @@ class FakeStage1:
         page = iova & ~(PAGE - 1)
         self.fills.append((page, int(access)))
         if self.unavailable:
-            raise IotlbUnavailable(f"cannot fill IOVA {iova:#x}: no backend channel")
+            raise Stage1Unavailable(f"cannot fill IOVA {iova:#x}: no backend channel")
         ipa = self.tables.get(page)
         if ipa is None:
-            raise IotlbMissRefused(iova, Access(int(access)))
+            raise Stage1Refused(f"the guest's stage 1 refuses IOVA {iova:#x} "
+                                f"({Access(int(access)).name})")
         old = self.present.get(page)
         bits = int(access) | (old[1] if old is not None and old[0] == ipa else 0)
         self.present[page] = (ipa, bits)
