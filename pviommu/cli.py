@@ -34,12 +34,12 @@ from .machine.qemu import QemuError
 from .machine.topology import pci_name
 from .qmp.server import MAX_CLIENTS as QMP_MAX_CLIENTS
 from .report import format_report
-from .scenarios import bench, dma, pv
+from .scenarios import bench, dma, pv, vsmmu
 from .transport.unix_socket import SocketPathError, resolve_group
 from .transport.vfio_user.protocol import MAX_DMA_MAPS
 from .transport.vfio_user.server import DEFAULT_MAX_DMA_MAPS
 
-DEMO_MODES = ("pv", "builtin")
+DEMO_MODES = ("pv", "vsmmu", "builtin")
 
 
 def _add_guest_options(p: argparse.ArgumentParser) -> None:
@@ -79,6 +79,8 @@ def demo_ok(report: dict) -> bool:
     """Whether a demo report shows what its mode promises."""
     if report["mode"] == "builtin":
         return bool(report["dma"]["checksums_ok"])
+    if report["mode"] == "vsmmu":
+        return vsmmu.shows_everything(report)
     attached = any(e.get("attached") for e in report["iommu"]["endpoints"])
     seen = any(f.get("guest_log") and f.get("qmp_event") for f in report["faults"])
     ok = attached and seen
@@ -106,6 +108,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         options = pv.PvOptions(iommu=iommu_config(args), passthrough=args.passthrough,
                                revoke=not args.passthrough)
         scenario = pv.run(qemu, assets, workdir, options)
+    elif args.mode == "vsmmu":
+        scenario = vsmmu.run(qemu, assets, workdir)
     else:
         scenario = dma.run(qemu, assets, workdir, mode=args.mode)
     try:
@@ -433,8 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=DEMO_MODES, default="pv",
                    help="pv (default): the backend's PV-IOMMU over vhost-user and its "
                         "virtio-blk and virtio-rng endpoints over vfio-user; the guest does "
-                        "DMA through them, then the host revokes a live mapping; builtin: "
-                        "QEMU's virtio-iommu-pci + virtio-blk-pci doing DMA (the anchor)")
+                        "DMA through them, then the host revokes a live mapping; vsmmu: "
+                        "the same endpoints over vhost-user behind QEMU's SMMUv3 (guest "
+                        "stage 1, the backend's stage 2), then a fault at each stage; "
+                        "builtin: QEMU's virtio-iommu-pci + virtio-blk-pci doing DMA "
+                        "(the anchor)")
     p.add_argument("--passthrough", action="store_true",
                    help="pv mode: boot the guest with iommu.passthrough=1 (identity domains)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")

@@ -48,7 +48,8 @@ ENDPOINT_ADDR = BLK_ADDR
 MiB = 1 << 20
 
 
-def _demo_plan() -> DmaPlan:
+def demo_plan() -> DmaPlan:
+    """The demo's disk check: 4 MiB read, 4 MiB written into a 64 MiB image."""
     return DmaPlan(image_bytes=64 * MiB, read_bytes=4 * MiB, write_offset=32 * MiB,
                    write_bytes=4 * MiB)
 
@@ -74,7 +75,7 @@ class PvOptions:
 
     iommu: IommuConfig = field(default_factory=IommuConfig)
     passthrough: bool = False
-    blk: DmaPlan | None = field(default_factory=_demo_plan)
+    blk: DmaPlan | None = field(default_factory=demo_plan)
     rng_bytes: int = 4096
     fault: FaultPlan | None = None
     revoke: bool = True
@@ -195,7 +196,7 @@ async def run(qemu: Path, assets: GuestAssets, workdir: Path,
     t0 = time.monotonic()
     workdir.mkdir(parents=True, exist_ok=True)
     image = workdir / "disk.img"
-    plan = opts.blk or _demo_plan()
+    plan = opts.blk or demo_plan()
     host_read_sha = make_image(image, plan)
     specs = endpoint_specs(workdir, image)
     blk_ep = specs[0].endpoint
@@ -260,7 +261,7 @@ async def run(qemu: Path, assets: GuestAssets, workdir: Path,
     if opts.blk is not None:
         report["dma"] = blk_checks(console, image, plan, host_read_sha)
     if opts.rng_bytes:
-        report["rng"] = _rng_report(console, opts.rng_bytes)
+        report["rng"] = rng_report(console, opts.rng_bytes)
     if opts.revoke:
         revoked = next((e["data"] for e in events if e.get("event") == EVENT_REVOKED), None)
         errors = guest_io_errors(console.lines)
@@ -299,7 +300,8 @@ async def run(qemu: Path, assets: GuestAssets, workdir: Path,
     return report
 
 
-def _rng_report(console: Any, expected: int) -> dict[str, Any]:
+def rng_report(console: Any, expected: int) -> dict[str, Any]:
+    """The report's ``rng`` section from the guest's RNG marker (``expected`` bytes)."""
     rng = console.find("RNG")
     if rng is None:
         raise GuestFailed("guest did not report its rng read (no RNG marker)")
