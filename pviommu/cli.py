@@ -124,13 +124,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.rounds < 1:
         print("pviommu: error: --rounds must be at least 1", file=sys.stderr)
         return 2
+    unknown = [p for p in args.paths if p not in bench.PATHS]
+    if unknown or not args.paths:
+        print(f"pviommu: error: --paths takes some of {','.join(bench.PATHS)}", file=sys.stderr)
+        return 2
     qemu, assets = provision.setup(args.kernel, args.modules)
     workdir = args.workdir or provision.cache_dir() / "runs" / "bench"
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
-    plan = bench.BenchPlan(rounds=args.rounds)
+    plan = bench.BenchPlan(rounds=args.rounds, paths=tuple(args.paths))
     print(f"pviommu: benchmark, {plan.rounds} round(s) of "
-          f"{len(bench.PATHS) * len(bench.IOMMU_MODES)} guests (logs in {workdir})",
+          f"{len(plan.paths) * len(bench.IOMMU_MODES)} guests (logs in {workdir})",
           file=sys.stderr)
     result = asyncio.run(bench.run(qemu, assets, workdir, plan,
                                    progress=lambda line: print(line, file=sys.stderr)))
@@ -138,6 +142,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     else:
         print(bench.markdown(result))
+        print()
+        print(bench.markdown_references(result))
+        print()
+        print(bench.markdown_samples(result))
     return 0
 
 
@@ -451,10 +459,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_iommu_options(p)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("bench", help="measure guest disk throughput through the PV path "
-                                     "against QEMU's built-in virtio-iommu + virtio-blk")
+    p = sub.add_parser("bench", help="measure guest disk throughput through the PV and vSMMU "
+                                     "paths against QEMU's built-in virtio-iommu + virtio-blk")
     p.add_argument("--rounds", type=int, default=7,
                    help="guests per cell; the table shows medians (default %(default)s)")
+    p.add_argument("--paths", type=lambda s: [x for x in s.split(",") if x],
+                   default=list(bench.PATHS),
+                   help="comma-separated paths to measure (default: all of "
+                        f"{','.join(bench.PATHS)}; qsd needs qemu-storage-daemon)")
     p.add_argument("--json", action="store_true", help="print the raw samples as JSON")
     p.add_argument("--workdir", type=Path, help="where images and logs go "
                         "(default: CACHE/runs/bench, replaced each run)")

@@ -1,40 +1,72 @@
-"""Benchmark: guest sequential disk throughput through the backend's PV path against
-QEMU's built-in virtio-iommu-pci + virtio-blk-pci (the anchor), in the same run.
+"""Benchmark: guest sequential disk throughput through the backend's two modes
+against QEMU's own devices, in the same run.
 
-Each round boots one guest per (path, IOMMU mode) cell, alternating the paths,
-and the guest times direct-I/O ``dd`` runs of each block size. The table holds
-the medians over the rounds and the ratio of the PV path to the built-in one.
-A benchmark, not a test: it asserts nothing, it measures and writes down.
+The paths (:data:`PATHS`):
+
+- ``pv``: the backend's PV-IOMMU (vhost-user) and virtio-blk (vfio-user);
+- ``vsmmu``: QEMU's SMMUv3 (the guest's stage 1) and the backend's virtio-blk over
+  vhost-user with the backend's stage 2 (nested translation);
+- ``builtin`` (the anchor): QEMU's virtio-iommu-pci and virtio-blk-pci;
+- ``smmuv3-builtin``: QEMU's SMMUv3 and QEMU's virtio-blk-pci, both in QEMU: what
+  the emulated SMMUv3 costs without any process boundary;
+- ``qsd``: QEMU's C vhost-user-blk back-end (qemu-storage-daemon's export) behind
+  the same machine, but with no IOMMU on its path: the export offers no
+  VIRTIO_F_ACCESS_PLATFORM, and QEMU refuses ``iommu_platform=on`` without it.
+  The vhost-user transport alone, as a reference for the vSMMU path.
+
+Each round boots one guest per (path, IOMMU mode) cell, rotating the order of
+the paths, and the guest times direct-I/O ``dd`` runs of each block size. On
+the backend's paths the round trips to another process are counted around each
+``dd``: MAP and UNMAP requests to the PV-IOMMU; IOTLB MISS, UPDATE and INVALIDATE
+messages of the vSMMU endpoint. The table holds the medians over the rounds and
+the ratios to the built-in path. A benchmark, not a test: it asserts nothing,
+it measures and writes down.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..backend import Backend, BackendConfig
-from ..endpoints import EndpointSpec
+from ..endpoints import EndpointSpec, VsmmuEndpoint
 from ..machine.console import Console, GuestFailed
 from ..machine.guest_image import build_initramfs
 from ..machine.qemu import QemuMachine
-from ..machine.topology import Topology, VirtioBlkPci, VirtioIommuPci, pci_rid
+from ..machine.topology import (
+    Device,
+    Topology,
+    VhostUserBlkPci,
+    VirtioBlkPci,
+    VirtioIommuPci,
+    pci_rid,
+)
 from ..provision import GuestAssets
 from . import pv
 
 MiB = 1 << 20
-PATHS = ("pv", "builtin")
+PATHS = ("pv", "vsmmu", "builtin", "smmuv3-builtin", "qsd")
 IOMMU_MODES = {"strict": "iommu.strict=1", "lazy": "iommu.strict=0"}
+# What counts as a round trip to another process on each of the backend's paths.
+ROUND_TRIPS = {"pv": ("MAP", "UNMAP"),
+               "vsmmu": ("iotlb_miss", "iotlb_update", "iotlb_invalidate")}
+QSD = "qemu-storage-daemon"
+
+Counters = Callable[[], Mapping[str, int]]
 
 
 @dataclass
 class BenchPlan:
-    """What each guest runs: (op, block size, bytes) triples, and how many rounds."""
+    """What each guest runs: (op, block size, bytes) triples, how many rounds, which paths."""
 
     tests: list[tuple[str, int, int]] = field(default_factory=lambda: [
         ("read", 4096, 8 * MiB), ("read", MiB, 256 * MiB),
@@ -42,6 +74,22 @@ class BenchPlan:
     rounds: int = 7
     image_bytes: int = 512 * MiB
     timeout: float = 600
+    paths: tuple[str, ...] = PATHS
+
+
+@dataclass
+class QsdBlkPci(Device):
+    """vhost-user-blk-pci served by qemu-storage-daemon, without ``iommu_platform``
+    (the daemon's export cannot do it): the device reads guest-physical addresses."""
+
+    socket: Path = Path()
+    addr: str = pv.BLK_ADDR
+    id: str = "qsdblk"
+
+    def qemu_args(self) -> list[str]:
+        return ["-chardev", f"socket,id={self.id},path={self.socket}",
+                "-device", f"vhost-user-blk-pci,chardev={self.id},addr={self.addr},"
+                "num-queues=1,disable-legacy=on"]
 
 
 def _initramfs(out: Path, assets: GuestAssets, plan: BenchPlan) -> None:
@@ -55,21 +103,30 @@ def _seen(console: Console, name: str, n: int) -> Callable[[], bool]:
     return lambda: sum(m.name == name for m in console.markers) >= n
 
 
+def per_mib(deltas: Mapping[str, int], kinds: tuple[str, ...], mib: float) -> dict[str, Any]:
+    """A test's round trips per MiB moved: their sum and each kind's share."""
+    return {"round_trips_per_mib": round(sum(deltas.get(k, 0) for k in kinds) / mib, 1),
+            "by_kind": {k: round(n / mib, 1) for k, n in sorted(deltas.items())}}
+
+
 async def _boot(qemu: Path, topology: Topology, workdir: Path, plan: BenchPlan,
-                iommu_requests: Callable[[], int] | None = None) -> list[dict[str, Any]]:
-    """Boots the bench guest; with ``iommu_requests`` (a counter of the PV-IOMMU's
-    MAP and UNMAP requests) also counts those made during each test."""
+                counters: Counters | None = None,
+                kinds: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Boots the bench guest; with ``counters`` (the backend's counters of round
+    trips) also counts the ``kinds`` of them made during each test."""
     vm = QemuMachine(qemu, topology, workdir, log_file=workdir / "console.log")
     timeout = plan.timeout
-    per_test: list[int] = []
+    per_test: list[dict[str, int]] = []
     async with vm:
         console = vm.console
         assert console is not None
-        for i in range(len(plan.tests) if iommu_requests is not None else 0):
+        for i in range(len(plan.tests) if counters is not None else 0):
             await console.wait_until(_seen(console, "BENCH_GO", i + 1), "BENCH_GO", timeout)
-            before = iommu_requests()  # type: ignore[misc]
+            before = dict(counters())  # type: ignore[misc]
             await console.wait_until(_seen(console, "BENCH", i + 1), "BENCH", timeout)
-            per_test.append(iommu_requests() - before)  # type: ignore[misc]
+            after = counters()  # type: ignore[misc]
+            per_test.append({k: after.get(k, 0) - before.get(k, 0)
+                             for k in set(after) | set(before)})
         await console.wait_marker("DONE", timeout)
         await vm.wait_exit(60)
     if (failed := console.find("FAIL")) is not None:
@@ -82,7 +139,9 @@ async def _boot(qemu: Path, topology: Topology, workdir: Path, plan: BenchPlan,
         result: dict[str, Any] = {"op": m.fields["op"], "bs": int(m.fields["bs"]),
                                   "mib_s": mib / (centis / 100)}
         if i < len(per_test):
-            result["iommu_requests_per_mib"] = round(per_test[i] / mib, 1)
+            result.update(per_mib(per_test[i], kinds, mib))
+            if kinds == ROUND_TRIPS["pv"]:
+                result["iommu_requests_per_mib"] = result["round_trips_per_mib"]
         out.append(result)
     return out
 
@@ -95,6 +154,14 @@ async def _run_builtin(qemu: Path, assets: GuestAssets, workdir: Path, initrd: P
     return await _boot(qemu, topology, workdir, plan)
 
 
+async def _run_smmuv3_builtin(qemu: Path, assets: GuestAssets, workdir: Path, initrd: Path,
+                              image: Path, append: str, plan: BenchPlan
+                              ) -> list[dict[str, Any]]:
+    topology = Topology(kernel=assets.kernel, initrd=initrd, append=append, iommu="smmuv3",
+                        devices=[VirtioBlkPci(image=image, addr=pv.BLK_ADDR)])
+    return await _boot(qemu, topology, workdir, plan)
+
+
 async def _run_pv(qemu: Path, assets: GuestAssets, workdir: Path, initrd: Path,
                   image: Path, append: str, plan: BenchPlan) -> list[dict[str, Any]]:
     spec = EndpointSpec("blk", workdir / "blk.sock", pci_rid(pv.BLK_ADDR), image=image)
@@ -103,17 +170,143 @@ async def _run_pv(qemu: Path, assets: GuestAssets, workdir: Path, initrd: Path,
     async with Backend(config) as backend:
         requests = backend.device.requests
 
-        def map_unmap() -> int:
-            return sum(n for (kind, _), n in requests.items() if kind in ("MAP", "UNMAP"))
+        def map_unmap() -> dict[str, int]:
+            counts = dict.fromkeys(ROUND_TRIPS["pv"], 0)
+            for (kind, _), n in requests.items():
+                if kind in counts:
+                    counts[kind] += n
+            return counts
         topology = await pv.pv_topology(qemu, assets, initrd, workdir, config.viommu_socket,
                                         append, pv.endpoint_devices([spec]))
-        return await _boot(qemu, topology, workdir, plan, map_unmap)
+        return await _boot(qemu, topology, workdir, plan, map_unmap, ROUND_TRIPS["pv"])
+
+
+async def _run_vsmmu(qemu: Path, assets: GuestAssets, workdir: Path, initrd: Path,
+                     image: Path, append: str, plan: BenchPlan) -> list[dict[str, Any]]:
+    spec = EndpointSpec("blk", workdir / "blk.sock", pci_rid(pv.BLK_ADDR), image=image,
+                        transport="vhost-user")
+    config = BackendConfig(viommu_socket=None, devices=[spec])
+    async with Backend(config) as backend:
+        endpoint = backend.endpoints[spec.endpoint]
+        assert isinstance(endpoint, VsmmuEndpoint)
+
+        def iotlb() -> dict[str, int]:
+            # The IOTLB round trips, and the composed cache's hits and misses.
+            counts = {k: endpoint.server.stats[k] for k in ROUND_TRIPS["vsmmu"]}
+            for k in ("composed_hits", "composed_misses"):
+                counts[k] = endpoint.translation_stats[k]
+            return counts
+        topology = Topology(kernel=assets.kernel, initrd=initrd, append=append, iommu="smmuv3",
+                            devices=[VhostUserBlkPci(socket=spec.socket, addr=pv.BLK_ADDR)])
+        return await _boot(qemu, topology, workdir, plan, iotlb, ROUND_TRIPS["vsmmu"])
+
+
+async def _run_qsd(qemu: Path, assets: GuestAssets, workdir: Path, initrd: Path,
+                   image: Path, append: str, plan: BenchPlan) -> list[dict[str, Any]]:
+    daemon = shutil.which(QSD)
+    assert daemon is not None
+    socket = workdir / "qsd.sock"
+    with open(workdir / "qsd.log", "wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            daemon,
+            "--blockdev", f"driver=file,node-name=file0,filename={image},cache.direct=off",
+            "--blockdev", "driver=raw,node-name=fmt0,file=file0",
+            "--export", "type=vhost-user-blk,id=exp0,node-name=fmt0,writable=on,"
+            f"addr.type=unix,addr.path={socket}",
+            stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 10
+        while not socket.exists():
+            if proc.returncode is not None or time.monotonic() > deadline:
+                raise GuestFailed(f"{QSD} did not listen (log {workdir / 'qsd.log'})")
+            await asyncio.sleep(0.05)
+        topology = Topology(kernel=assets.kernel, initrd=initrd, append=append, iommu="smmuv3",
+                            devices=[QsdBlkPci(socket=socket)])
+        return await _boot(qemu, topology, workdir, plan)
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+RUNNERS = {"pv": _run_pv, "vsmmu": _run_vsmmu, "builtin": _run_builtin,
+           "smmuv3-builtin": _run_smmuv3_builtin, "qsd": _run_qsd}
+
+
+def available_paths(paths: tuple[str, ...]) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The paths this machine can run, and why each other one is left out."""
+    skipped = {}
+    if "qsd" in paths and shutil.which(QSD) is None:
+        skipped["qsd"] = f"{QSD} is not installed (Debian: qemu-system-common)"
+    return tuple(p for p in paths if p not in skipped), skipped
+
+
+def rotate(paths: tuple[str, ...], rnd: int) -> tuple[str, ...]:
+    """The order of the paths in round ``rnd``: each round starts one further on,
+    so that no path always runs first (or last) on a warm machine."""
+    k = rnd % len(paths)
+    return paths[k:] + paths[:k]
+
+
+def _median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 2) if values else None
+
+
+def summarize(samples: dict[tuple[str, str, str, int], list[float]],
+              loads: dict[tuple[str, str, str, int], list[dict[str, Any]]],
+              tests: list[tuple[str, int, int]], paths: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The table: per (IOMMU mode, op, block) the medians of every path, the ratios
+    to the built-in path, and the round trips per MiB of the backend's paths.
+
+    The keys of the first table (``pv_mib_s``, ``builtin_mib_s``, ``ratio``,
+    ``pv_samples``, ``builtin_samples``, ``pv_iommu_requests_per_mib``) are kept;
+    ``paths`` holds every path's numbers."""
+    table = []
+    for mode in IOMMU_MODES:
+        for op, bs, _ in tests:
+            cells: dict[str, Any] = {}
+            builtin = _median(samples.get(("builtin", mode, op, bs), []))
+            for path in paths:
+                values = samples.get((path, mode, op, bs), [])
+                if not values:
+                    continue
+                med = _median(values)
+                cell: dict[str, Any] = {
+                    "mib_s": med, "samples": [round(x, 2) for x in values],
+                    "ratio": round(med / builtin, 3) if builtin and med is not None else None}
+                if path in ROUND_TRIPS:
+                    load = loads.get((path, mode, op, bs), [])
+                    cell["round_trips"] = "+".join(ROUND_TRIPS[path])
+                    cell["round_trips_per_mib"] = [x["round_trips_per_mib"] for x in load]
+                    cell["by_kind"] = [x["by_kind"] for x in load]
+                cells[path] = cell
+            if not cells:
+                continue
+            row: dict[str, Any] = {"iommu": mode, "op": op, "bs": bs, "paths": cells}
+            if "pv" in cells and "builtin" in cells:
+                row.update({"pv_mib_s": cells["pv"]["mib_s"], "builtin_mib_s": builtin,
+                            "ratio": cells["pv"]["ratio"],
+                            "pv_samples": cells["pv"]["samples"],
+                            "builtin_samples": cells["builtin"]["samples"],
+                            "pv_iommu_requests_per_mib": cells["pv"]["round_trips_per_mib"]})
+            if "vsmmu" in cells and "qsd" in cells:
+                row["vsmmu_to_qsd"] = round(cells["vsmmu"]["mib_s"] / cells["qsd"]["mib_s"], 3)
+            table.append(row)
+    return table
 
 
 async def run(qemu: Path, assets: GuestAssets, workdir: Path, plan: BenchPlan | None = None,
               progress: Any = None) -> dict[str, Any]:
     """Runs every round and returns the raw samples and the table of medians."""
     plan = plan or BenchPlan()
+    paths, skipped = available_paths(plan.paths)
+    if progress is not None:
+        for path, why in skipped.items():
+            progress(f"path {path} left out: {why}")
     workdir.mkdir(parents=True, exist_ok=True)
     initrd = workdir / "initramfs.cpio.gz"
     _initramfs(initrd, assets, plan)
@@ -121,43 +314,40 @@ async def run(qemu: Path, assets: GuestAssets, workdir: Path, plan: BenchPlan | 
     with open(image, "wb") as fh:
         fh.truncate(plan.image_bytes)
     samples: dict[tuple[str, str, str, int], list[float]] = {}
-    iommu_load: dict[tuple[str, str, int], list[float]] = {}
+    loads: dict[tuple[str, str, str, int], list[dict[str, Any]]] = {}
     t0 = time.monotonic()
     for rnd in range(plan.rounds):
         for mode, arg in IOMMU_MODES.items():
-            # Alternate which path goes first, so that neither always runs warm.
-            order = PATHS if rnd % 2 == 0 else PATHS[::-1]
-            for path in order:
+            for path in rotate(paths, rnd):
                 cell = workdir / f"r{rnd}-{mode}-{path}"
                 cell.mkdir(exist_ok=True)
                 append = f"console=ttyAMA0 panic=-1 quiet {arg}"
-                runner = _run_pv if path == "pv" else _run_builtin
-                results = await runner(qemu, assets, cell, initrd, image, append, plan)
+                results = await RUNNERS[path](qemu, assets, cell, initrd, image, append, plan)
                 for r in results:
-                    samples.setdefault((path, mode, r["op"], r["bs"]), []).append(r["mib_s"])
-                    if "iommu_requests_per_mib" in r:
-                        iommu_load.setdefault((mode, r["op"], r["bs"]), []).append(
-                            r["iommu_requests_per_mib"])
+                    key = (path, mode, r["op"], r["bs"])
+                    samples.setdefault(key, []).append(r["mib_s"])
+                    if "round_trips_per_mib" in r:
+                        loads.setdefault(key, []).append(r)
                 if progress is not None:
-                    progress(f"round {rnd + 1}/{plan.rounds} {mode:6} {path:7} " + ", ".join(
+                    progress(f"round {rnd + 1}/{plan.rounds} {mode:6} {path:14} " + ", ".join(
                         f"{r['op']} {r['bs']}: {r['mib_s']:.1f} MiB/s" for r in results))
-    table = []
-    for mode in IOMMU_MODES:
-        for op, bs, _ in plan.tests:
-            pvs = samples.get(("pv", mode, op, bs), [])
-            builtin = samples.get(("builtin", mode, op, bs), [])
-            if not pvs or not builtin:
-                continue
-            m_pv, m_b = statistics.median(pvs), statistics.median(builtin)
-            table.append({"iommu": mode, "op": op, "bs": bs, "pv_mib_s": round(m_pv, 2),
-                          "builtin_mib_s": round(m_b, 2), "ratio": round(m_pv / m_b, 3),
-                          "pv_samples": [round(x, 2) for x in pvs],
-                          "builtin_samples": [round(x, 2) for x in builtin],
-                          "pv_iommu_requests_per_mib": iommu_load.get((mode, op, bs), [])})
-    return {"table": table, "rounds": plan.rounds,
+    return {"table": summarize(samples, loads, plan.tests, paths), "rounds": plan.rounds,
+            "paths": list(paths), "skipped_paths": skipped,
             "tests": [{"op": op, "bs": bs, "bytes": n} for op, bs, n in plan.tests],
             "machine": machine_description(), "qemu": str(qemu),
-            "kernel": str(assets.kernel), "elapsed_s": round(time.monotonic() - t0, 1)}
+            "qsd": _qsd_version(), "kernel": str(assets.kernel),
+            "elapsed_s": round(time.monotonic() - t0, 1)}
+
+
+def _qsd_version() -> str | None:
+    daemon = shutil.which(QSD)
+    if daemon is None:
+        return None
+    try:
+        out = subprocess.run([daemon, "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.splitlines()[0] if out.stdout else None
 
 
 def machine_description() -> dict[str, Any]:
@@ -176,7 +366,7 @@ def machine_description() -> dict[str, Any]:
 
 def _load(values: list[float]) -> str:
     if not values:
-        return "?"
+        return "-"
     return f"{statistics.median(values):.0f} ({min(values):.0f}-{max(values):.0f})"
 
 
@@ -184,14 +374,64 @@ def _size(n: int) -> str:
     return f"{n // MiB} MiB" if n >= MiB else f"{n // 1024} KiB"
 
 
+def _speed(cell: dict[str, Any] | None) -> str:
+    return "-" if cell is None or cell["mib_s"] is None else f"{cell['mib_s']:.1f}"
+
+
+def _ratio(cell: dict[str, Any] | None) -> str:
+    if cell is None or cell.get("ratio") is None:
+        return "-"
+    flag = "" if cell["ratio"] >= 0.8 else " (below 0.8)"
+    return f"{cell['ratio']:.2f}{flag}"
+
+
 def markdown(result: dict[str, Any]) -> str:
-    """The result as a Markdown table."""
-    lines = ["| IOMMU | op | block | PV path MiB/s | built-in MiB/s | ratio "
-             "| PV-IOMMU MAP+UNMAP per MiB |",
+    """The three-way table (PV, vSMMU, built-in) as Markdown."""
+    lines = ["| IOMMU | op | block | PV MiB/s | vSMMU MiB/s | built-in MiB/s "
+             "| PV / built-in | vSMMU / built-in | PV MAP+UNMAP per MiB "
+             "| vSMMU MISS+UPDATE+INVALIDATE per MiB |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in result["table"]:
+        cells = row["paths"]
+        pv_, vs = cells.get("pv"), cells.get("vsmmu")
+        lines.append(
+            f"| {row['iommu']} | {row['op']} | {_size(row['bs'])} | {_speed(pv_)} | "
+            f"{_speed(vs)} | {_speed(cells.get('builtin'))} | {_ratio(pv_)} | {_ratio(vs)} | "
+            f"{_load(pv_['round_trips_per_mib'] if pv_ else [])} | "
+            f"{_load(vs['round_trips_per_mib'] if vs else [])} |")
+    return "\n".join(lines)
+
+
+def markdown_references(result: dict[str, Any]) -> str:
+    """The vSMMU path against QEMU's own SMMUv3 paths: its built-in virtio-blk
+    behind the SMMUv3, and its C vhost-user-blk back-end (without IOMMU)."""
+    lines = ["| IOMMU | op | block | vSMMU MiB/s | built-in blk behind SMMUv3 MiB/s "
+             "| qemu-storage-daemon, no IOMMU, MiB/s | vSMMU / qemu-storage-daemon |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for row in result["table"]:
-        flag = "" if row["ratio"] >= 0.8 else " (below 0.8)"
-        lines.append(f"| {row['iommu']} | {row['op']} | {_size(row['bs'])} | "
-                     f"{row['pv_mib_s']:.1f} | {row['builtin_mib_s']:.1f} | "
-                     f"{row['ratio']:.2f}{flag} | {_load(row['pv_iommu_requests_per_mib'])} |")
+        cells = row["paths"]
+        to_qsd = row.get("vsmmu_to_qsd")
+        lines.append(
+            f"| {row['iommu']} | {row['op']} | {_size(row['bs'])} | "
+            f"{_speed(cells.get('vsmmu'))} | {_speed(cells.get('smmuv3-builtin'))} | "
+            f"{_speed(cells.get('qsd'))} | {'-' if to_qsd is None else f'{to_qsd:.2f}'} |")
+    return "\n".join(lines)
+
+
+def markdown_samples(result: dict[str, Any]) -> str:
+    """Every path's per-round samples (MiB/s) and round trips per MiB."""
+    paths = result.get("paths", list(PATHS))
+    head = "| IOMMU | op | block | " + " | ".join(paths) + " | PV MAP+UNMAP per MiB " \
+           "| vSMMU MISS+UPDATE+INVALIDATE per MiB |"
+    lines = [head, "| " + " | ".join(["---"] * (len(paths) + 5)) + " |"]
+
+    def fmt(values: list[float]) -> str:
+        return ", ".join(f"{x:.1f}" if x < 10 else f"{x:.0f}" for x in values) or "-"
+    for row in result["table"]:
+        cells = row["paths"]
+        lines.append(
+            f"| {row['iommu']} | {row['op']} | {_size(row['bs'])} | "
+            + " | ".join(fmt(cells[p]["samples"]) if p in cells else "-" for p in paths)
+            + " | " + " | ".join(fmt(cells[p]["round_trips_per_mib"]) if p in cells else "-"
+                                 for p in ("pv", "vsmmu")) + " |")
     return "\n".join(lines)
