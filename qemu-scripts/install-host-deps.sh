@@ -14,6 +14,9 @@ PKGS=(
     swig
     # downloads
     ca-certificates debian-archive-keyring curl
+    # qemu-storage-daemon: QEMU's own C vhost-user-blk back-end, the benchmark's
+    # reference for the vhost-user transport (BENCHMARKS.md)
+    qemu-system-common
 )
 
 missing=()
