@@ -91,6 +91,10 @@ class Console:
                 await self._task
             self._task = None
 
+    def send(self, text: str) -> None:
+        """Types ``text`` on the guest's console (its init reads it as standard input)."""
+        self.child.send(text)
+
     def find(self, name: str) -> Marker | None:
         """The first marker called ``name`` seen so far."""
         return next((m for m in self.markers if m.name == name), None)

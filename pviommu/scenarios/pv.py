@@ -89,14 +89,16 @@ class PvOptions:
             raise ValueError("rng_bytes must be a multiple of 64")
 
 
-def pv_initramfs(out: Path, assets: GuestAssets, endpoints: list[str], opts: PvOptions
-                 ) -> list[Any]:
-    """The guest image of the pv-iommu scenario; returns the modules it loads."""
+def pv_initramfs(out: Path, assets: GuestAssets, endpoints: list[str], opts: PvOptions,
+                 hold: bool = False) -> list[Any]:
+    """The guest image of the pv-iommu scenario; returns the modules it loads. With
+    ``hold`` the guest waits at READY until the host types a newline on its console."""
     modules = ["virtio_iommu"]
     env: dict[str, Any] = {"ENDPOINTS": " ".join(endpoints),
                            "FAULT_WAIT": int(opts.step_timeout) if opts.fault else 0,
                            "REVOKE_WAIT": int(opts.step_timeout) if opts.revoke else 0,
-                           "RNG_BYTES": opts.rng_bytes}
+                           "RNG_BYTES": opts.rng_bytes,
+                           "HOLD_WAIT": int(opts.step_timeout) if hold else 0}
     if opts.blk is not None:
         modules.append("virtio_blk")
         env.update({"DISK": "vda", "READ_BYTES": opts.blk.read_bytes,
@@ -202,7 +204,7 @@ async def run(qemu: Path, assets: GuestAssets, workdir: Path,
     blk_ep = specs[0].endpoint
     pci = {s.endpoint: pci_name(s.endpoint) for s in specs}
     initrd = workdir / "initramfs.cpio.gz"
-    modules = pv_initramfs(initrd, assets, list(pci.values()), opts)
+    modules = pv_initramfs(initrd, assets, list(pci.values()), opts, hold=True)
     append = "console=ttyAMA0 panic=-1 quiet"
     if opts.passthrough:
         append += " iommu.passthrough=1"
@@ -224,6 +226,7 @@ async def run(qemu: Path, assets: GuestAssets, workdir: Path,
                 booted = await vm.console.wait_marker("BOOTED", opts.boot_timeout)
                 await wait_step(vm.console, resets, "READY", opts.step_timeout)
                 report["iommu"] = await iommu_state(client)
+                vm.console.send("\n")  # the guest holds at READY until then
                 injected = None
                 if opts.fault is not None:
                     injected = await client.execute("inject-fault", {
