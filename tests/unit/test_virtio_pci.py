@@ -1,7 +1,8 @@
 """The virtio-pci modern transport as a PCI function, driven like Linux's virtio_pci.
 
-Numbers in test names (T1..T33, G1..) refer to the device requirements of
-notes/virtio-pci-blk-checklist.md section 4.
+Numbers in test names (T1..T33, G1..) are the numbers the device requirements (the
+virtio spec's PCI transport and block device sections) had in the checklist these
+tests were first written against; the rest of each name says what it checks.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A vfio-user server: one PCI function served to stock QEMU 10.2's ``vfio-user-pci``.
 
-The transport speaks the wire protocol (project checklist
-``notes/vfio-user-checklist.md``); the :class:`PciFunction` owns config space,
+The transport speaks the wire protocol (QEMU's ``docs/interop/vfio-user.rst``, as
+QEMU 10.2 really sends it: docs/ARCHITECTURE.md); the :class:`PciFunction` owns config space,
 BARs and interrupts, and the endpoint's :class:`GuestMemory` is the DMA-map
 table QEMU fills with DMA_MAP. Memory QEMU maps without an fd is reached with
 DMA_READ/DMA_WRITE requests on the same socket (QEMU 10.2 has no twin socket).
