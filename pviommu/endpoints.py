@@ -182,7 +182,26 @@ def make_device(spec: EndpointSpec) -> VirtioDevice:
     return VirtioRng()
 
 
-class Endpoint:
+class _ServedDevice:
+    """A device model served on its own socket (``server``: a vfio-user or vhost-user
+    server); what both kinds of endpoint share."""
+
+    spec: EndpointSpec
+    device: VirtioDevice
+    server: VfioUserServer | VhostUserServer
+
+    async def start(self) -> None:
+        """Listens on the endpoint's socket."""
+        await self.server.start()
+
+    async def close(self) -> None:
+        """Stops serving, closes the device's backing file."""
+        await self.server.close()
+        if isinstance(self.device, VirtioBlk):
+            self.device.close()
+
+
+class Endpoint(_ServedDevice):
     """A running endpoint: device, PCI function, DMA-map table, vfio-user server."""
 
     def __init__(self, spec: EndpointSpec,
@@ -199,15 +218,9 @@ class Endpoint:
                                      name=f"{spec.kind}@{spec.endpoint:#x}",
                                      max_dma_maps=max_dma_maps, socket_group=socket_group)
 
-    async def start(self) -> None:
-        """Listens on the endpoint's vfio-user socket."""
-        await self.server.start()
-
     async def close(self) -> None:
-        """Stops serving, closes the device's backing file."""
-        await self.server.close()
-        if isinstance(self.device, VirtioBlk):
-            self.device.close()
+        """Stops serving, closes the device's backing file, drops the DMA-map table."""
+        await super().close()
         self.memory.clear()
 
     def state(self) -> dict[str, Any]:
@@ -247,7 +260,7 @@ class IotlbStage1:
             raise Stage1Unavailable(str(e)) from None
 
 
-class VsmmuEndpoint:
+class VsmmuEndpoint(_ServedDevice):
     """A running vSMMU endpoint: the device model served over vhost-user; each
     connection's rings and buffers go through the nested translation of ``vsmmu``."""
 
@@ -278,16 +291,6 @@ class VsmmuEndpoint:
         """The guest memory of the current connection (empty while none)."""
         conn = self.server.connection
         return conn.memory if conn is not None else self._empty
-
-    async def start(self) -> None:
-        """Listens on the endpoint's vhost-user socket."""
-        await self.server.start()
-
-    async def close(self) -> None:
-        """Stops serving, closes the device's backing file."""
-        await self.server.close()
-        if isinstance(self.device, VirtioBlk):
-            self.device.close()
 
     def state(self) -> dict[str, Any]:
         """What QMP reports about the endpoint: as a PV one, plus the IOTLB round trips

@@ -26,3 +26,25 @@ iommu_group_of() {
     group=$(basename "$(readlink "$dev/iommu_group")")
     mark IOMMU_GROUP pci="$1" group="$group" type="$(cat "/sys/kernel/iommu_groups/$group/type")"
 }
+
+# read_until_io_error DISK SECONDS: reads the disk in a loop until a read fails
+# (the host takes a mapping away under one), then waits for the kernel's I/O error
+# line and marks IO_ERROR. Fails if no read fails within SECONDS.
+read_until_io_error() {
+    end=$(($(cut -d. -f1 /proc/uptime) + $2))
+    failed=0
+    while [ "$(cut -d. -f1 /proc/uptime)" -lt "$end" ]; do
+        if ! dd if="/dev/$1" of=/dev/null bs=65536 count=16 iflag=direct 2>/dev/null; then
+            failed=1
+            break
+        fi
+    done
+    [ "$failed" = 1 ] || fail no-io-error
+    n=0
+    while ! dmesg | grep -q "I/O error, dev $1"; do
+        n=$((n + 1))
+        [ "$n" -gt 50 ] && fail no-io-error-in-guest-log
+        sleep 0.1
+    done
+    mark IO_ERROR dev="$1"
+}

@@ -64,22 +64,7 @@ fi
 if [ "${REVOKE_WAIT:-0}" -gt 0 ]; then
     # Read the disk until a read fails: the host revokes the mapping under one.
     mark IO_LOOP
-    end=$(($(cut -d. -f1 /proc/uptime) + REVOKE_WAIT))
-    errors=0
-    while [ "$(cut -d. -f1 /proc/uptime)" -lt "$end" ]; do
-        if ! dd if="/dev/$DISK" of=/dev/null bs=65536 count=16 iflag=direct 2>/dev/null; then
-            errors=1
-            break
-        fi
-    done
-    [ "$errors" = 1 ] || fail no-io-error
-    n=0
-    while ! dmesg | grep -q "I/O error, dev $DISK"; do
-        n=$((n + 1))
-        [ "$n" -gt 50 ] && fail no-io-error-in-guest-log
-        sleep 0.1
-    done
-    mark IO_ERROR dev="$DISK"
+    read_until_io_error "$DISK" "$REVOKE_WAIT"
     # The device and the driver carry on: the next reads succeed.
     dd if="/dev/$DISK" of=/dev/null bs=65536 count=16 iflag=direct 2>/dev/null ||
         fail no-recovery

@@ -38,22 +38,7 @@ first=$(dd if="/dev/$DISK" bs=65536 count=$((READ_BYTES / 65536)) iflag=direct \
 mark READY
 
 # Stage 2: read until a read fails (the host unmaps the IPA page under one).
-end=$(($(cut -d. -f1 /proc/uptime) + STEP_WAIT))
-failed=0
-while [ "$(cut -d. -f1 /proc/uptime)" -lt "$end" ]; do
-    if ! dd if="/dev/$DISK" of=/dev/null bs=65536 count=16 iflag=direct 2>/dev/null; then
-        failed=1
-        break
-    fi
-done
-[ "$failed" = 1 ] || fail no-io-error
-n=0
-while ! dmesg | grep -q "I/O error, dev $DISK"; do
-    n=$((n + 1))
-    [ "$n" -gt 50 ] && fail no-io-error-in-guest-log
-    sleep 0.1
-done
-mark IO_ERROR dev="$DISK"
+read_until_io_error "$DISK" "$STEP_WAIT"
 # The host maps the page back: the same data reads again.
 n=0
 while :; do
