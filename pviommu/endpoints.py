@@ -200,6 +200,18 @@ class _ServedDevice:
         if isinstance(self.device, VirtioBlk):
             self.device.close()
 
+    def state(self) -> dict[str, Any]:
+        """What QMP reports about the endpoint (``query-endpoint-devices``)."""
+        return {"id": self.spec.endpoint, "kind": self.spec.kind,
+                "transport": self.spec.transport, "mode": self.spec.mode,
+                "socket": str(self.spec.socket),
+                "image": str(self.spec.image) if self.spec.image else None,
+                "connections": self.server.connections,
+                "status": self.device.status,
+                "needs-reset": self.device.needs_reset,
+                "stats": dict(self.device.stats),  # type: ignore[attr-defined]
+                "transport-stats": dict(self.server.stats)}
+
 
 class Endpoint(_ServedDevice):
     """A running endpoint: device, PCI function, DMA-map table, vfio-user server."""
@@ -222,18 +234,6 @@ class Endpoint(_ServedDevice):
         """Stops serving, closes the device's backing file, drops the DMA-map table."""
         await super().close()
         self.memory.clear()
-
-    def state(self) -> dict[str, Any]:
-        """What QMP reports about the endpoint."""
-        return {"id": self.spec.endpoint, "kind": self.spec.kind,
-                "transport": self.spec.transport, "mode": self.spec.mode,
-                "socket": str(self.spec.socket),
-                "image": str(self.spec.image) if self.spec.image else None,
-                "connections": self.server.connections,
-                "status": self.device.status,
-                "needs-reset": self.device.needs_reset,
-                "stats": dict(self.device.stats),  # type: ignore[attr-defined]
-                "transport-stats": dict(self.server.stats)}
 
 
 class IotlbStage1:
@@ -296,18 +296,10 @@ class VsmmuEndpoint(_ServedDevice):
         """What QMP reports about the endpoint: as a PV one, plus the IOTLB round trips
         and the nested translation's counters."""
         stats = self.server.stats
-        return {"id": self.spec.endpoint, "kind": self.spec.kind,
-                "transport": self.spec.transport, "mode": self.spec.mode,
-                "socket": str(self.spec.socket),
-                "image": str(self.spec.image) if self.spec.image else None,
-                "connections": self.server.connections,
-                "status": self.device.status,
-                "needs-reset": self.device.needs_reset,
-                "stats": dict(self.device.stats),  # type: ignore[attr-defined]
-                "iotlb": {"miss": stats["iotlb_miss"], "update": stats["iotlb_update"],
-                          "invalidate": stats["iotlb_invalidate"],
-                          "miss-refused": stats["iotlb_miss_refused"],
-                          "miss-timeout": stats["iotlb_miss_timeout"],
-                          "update-unsolicited": stats["iotlb_update_unsolicited"]},
-                "translation": dict(self.translation_stats),
-                "transport-stats": dict(stats)}
+        return super().state() | {
+            "iotlb": {"miss": stats["iotlb_miss"], "update": stats["iotlb_update"],
+                      "invalidate": stats["iotlb_invalidate"],
+                      "miss-refused": stats["iotlb_miss_refused"],
+                      "miss-timeout": stats["iotlb_miss_timeout"],
+                      "update-unsolicited": stats["iotlb_update_unsolicited"]},
+            "translation": dict(self.translation_stats)}
