@@ -4,23 +4,14 @@ and removed only by the process that created them."""
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import stat
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pviommu.transport.unix_socket import SocketPathError, listen_unix, resolve_group
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="us-"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -16,10 +16,8 @@ import json
 import mmap
 import os
 import random
-import shutil
 import socket
 import struct
-import tempfile
 import weakref
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -157,14 +155,6 @@ class Memfd:
     def close(self) -> None:
         self.map.close()
         os.close(self.fd)
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[Path]:
-    # UNIX socket paths are limited to 108 bytes: pytest's tmp_path can be longer.
-    d = Path(tempfile.mkdtemp(prefix="vfu-"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

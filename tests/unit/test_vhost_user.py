@@ -9,9 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
-import shutil
 import struct
-import tempfile
 import weakref
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -41,14 +39,6 @@ def attach(domain: int, endpoint: int) -> bytes:
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[Path]:
-    # UNIX socket paths are limited to 108 bytes: pytest's tmp_path can be longer.
-    d = Path(tempfile.mkdtemp(prefix="vu-"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
-import shutil
 import socket
-import tempfile
 import weakref
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -46,13 +44,6 @@ PAGE = 0x1000
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="vu-"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
