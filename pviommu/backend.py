@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .devices.traced import TracedRequests
 from .devices.viommu import VirtioIommu
 from .dma import DmaSpace
 from .endpoints import Endpoint, EndpointSpec, VsmmuEndpoint
@@ -138,6 +139,8 @@ class Backend:
         self.device.on_needs_reset = announcer("iommu", None)
         for ep in self.endpoints.values():
             ep.device.on_needs_reset = announcer(ep.spec.kind, ep.spec.endpoint)
+            if isinstance(ep.device, TracedRequests):  # its requests, when someone listens
+                ep.device.trace_to(self.events, ep.spec.endpoint)
 
     def _query_devices(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         check_args(args, {})

@@ -277,6 +277,7 @@ class VsmmuEndpoint(_ServedDevice):
         self._empty = GuestMemory()
 
     def _wire(self, conn: VhostUserConnection) -> None:
+        conn.iotlb.trace_to(self.vsmmu.events, self.spec.endpoint)
         conn.iova_dma = self.vsmmu.dma(IotlbStage1(conn.iotlb), self.spec.endpoint,
                                        conn.memory, self.translation_stats)
 

@@ -38,6 +38,7 @@ from ..memory import Piece
 from ..virtio.device import VirtioDevice, resolve_segments, split_pieces
 from ..virtio.features import F_EVENT_IDX, F_INDIRECT_DESC, bit
 from ..virtio.queue import MAX_QUEUE_SIZE, Chain, SplitQueue
+from .traced import Traced, TracedRequests
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,21 @@ def pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
     _vectored(os.pwritev, fd, views, offset, "image write at {offset} made no progress")
 
 
+def _seen_kind(rtype: int) -> str:
+    return RequestType(rtype).name if rtype in set(RequestType) else f"TYPE_{rtype}"
+
+
+def _data_length(rtype: int, chain: Chain) -> int:
+    """The data bytes a request of type ``rtype`` asks to move."""
+    if rtype == RequestType.IN:
+        return max(chain.writable_len - 1, 0)
+    if rtype == RequestType.OUT:
+        return chain.readable_len - HEADER.size
+    if rtype == RequestType.GET_ID:
+        return min(max(chain.writable_len - 1, 0), ID_BYTES)
+    return 0
+
+
 class _Refused(Exception):
     """A request that ends with ``status`` before any data moves."""
 
@@ -121,7 +137,7 @@ class _Refused(Exception):
         self.status = status
 
 
-class VirtioBlk(VirtioDevice):
+class VirtioBlk(TracedRequests, VirtioDevice):
     """A virtio-blk device over the image file ``image``.
 
     ``serial`` (at most 20 ASCII bytes) answers GET_ID. ``queue_size`` is the
@@ -201,11 +217,18 @@ class VirtioBlk(VirtioDevice):
     # -- requests -----------------------------------------------------------------------
 
     def process(self, index: int, queue: SplitQueue) -> None:
-        self.serve(index, queue, self._request)
+        self.serve(index, queue, self._traced if self.tracing() else self._request)
 
-    async def _request(self, queue: SplitQueue, chain: Chain) -> int:
-        """Executes one request; returns the used length (data written + 1, or 0)."""
+    async def _traced(self, queue: SplitQueue, chain: Chain) -> int:
+        return await self.timed(queue, chain, lambda seen: self._request(queue, chain, seen))
+
+    async def _request(self, queue: SplitQueue, chain: Chain, seen: Traced | None = None
+                       ) -> int:
+        """Executes one request; returns the used length (data written + 1, or 0).
+        ``seen``, when the request is traced, gets its type, sector, length and status."""
         dma = queue.dma
+        if seen is not None:
+            seen.kind, seen.status = "MALFORMED", Status.IOERR.name
         if chain.writable_len < 1:
             log.error("request %d has no writable status byte (%d readable bytes); completed "
                       "unwritten", chain.head, chain.readable_len)
@@ -219,11 +242,13 @@ class VirtioBlk(VirtioDevice):
             log.error("request %d: status byte unreachable; completed unwritten", chain.head)
             return 0
         try:
-            data = await self._execute(dma, chain)
+            data = await self._execute(dma, chain, seen)
             status = Status.OK
         except _Refused as r:
             data, status = 0, r.status
             self.stats["unsupported" if status == Status.UNSUPP else "errors"] += 1
+        if seen is not None:
+            seen.status = status.name
         try:
             await store(status_at, bytes([status]))
         except (*DMA_ERRORS, OSError) as e:
@@ -232,7 +257,7 @@ class VirtioBlk(VirtioDevice):
             return 0
         return data + 1
 
-    async def _execute(self, dma: DmaSpace, chain: Chain) -> int:
+    async def _execute(self, dma: DmaSpace, chain: Chain, seen: Traced | None = None) -> int:
         """Runs the request; returns the data bytes written or raises _Refused."""
         if chain.readable_len < HEADER.size:
             log.error("request %d: header of %d bytes, %d expected", chain.head,
@@ -246,6 +271,9 @@ class VirtioBlk(VirtioDevice):
             self._dma_error(e, chain, "header")
             raise _Refused(Status.IOERR) from None
         rtype, _ioprio, sector = HEADER.unpack(header)
+        if seen is not None:
+            seen.kind, seen.sector = _seen_kind(rtype), sector
+            seen.length = _data_length(rtype, chain)
         try:
             kind = RequestType(rtype)
         except ValueError:

@@ -24,6 +24,7 @@ from ..dma import DMA_ERRORS, Access, DmaFault, store
 from ..virtio.device import VirtioDevice, resolve_segments
 from ..virtio.features import F_EVENT_IDX, F_INDIRECT_DESC, bit
 from ..virtio.queue import Chain, SplitQueue
+from .traced import Traced, TracedRequests
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +35,16 @@ MAX_FILL = 1 << 16
 EntropySource = Callable[[int], bytes]
 
 
-class VirtioRng(VirtioDevice):
+class VirtioRng(TracedRequests, VirtioDevice):
     """A virtio-rng device drawing its bytes from ``source`` (``os.urandom``).
 
     ``access_platform`` offers VIRTIO_F_ACCESS_PLATFORM (an endpoint behind
     the PV-IOMMU). ``stats`` counts requests, bytes written, faults (failed
     translations), memory errors (addresses outside guest memory) and empty
     requests (nothing to write, or a source that gave nothing).
+
+    Its requests are published as :class:`~pviommu.events.EndpointRequestDone`
+    (kind ENTROPY) once :meth:`trace_to` gave it a bus with a listener for them.
     """
 
     device_id = DEVICE_ID
@@ -60,7 +64,15 @@ class VirtioRng(VirtioDevice):
         return super().offered_features() | bit(F_INDIRECT_DESC) | bit(F_EVENT_IDX)
 
     def process(self, index: int, queue: SplitQueue) -> None:
-        self.serve(index, queue, self._request)
+        self.serve(index, queue, self._traced if self.tracing() else self._request)
+
+    async def _traced(self, queue: SplitQueue, chain: Chain) -> int:
+        async def run(seen: Traced) -> int:
+            seen.kind, seen.length = "ENTROPY", min(chain.writable_len, MAX_FILL)
+            written = await self._request(queue, chain)
+            seen.status = "OK" if written else "EMPTY"
+            return written
+        return await self.timed(queue, chain, run)
 
     async def _request(self, queue: SplitQueue, chain: Chain) -> int:
         """Fills the chain's writable buffers; returns the bytes written."""

@@ -10,10 +10,11 @@ from __future__ import annotations
 import enum
 import logging
 import struct
+import time
 from collections import Counter
 
 from ..dma import DMA_ERRORS, DmaSpace
-from ..events import EventBus, FaultRecorded
+from ..events import EventBus, FaultRecorded, IommuRequestDone
 from ..iommu.faults import Fault, FaultReason
 from ..iommu.pv import Negotiated, PvIommu, Status
 from ..virtio.device import VirtioDevice
@@ -74,6 +75,36 @@ _FAULT_R = {FaultReason.UNKNOWN: FAULT_R_UNKNOWN, FaultReason.DOMAIN: FAULT_R_DO
             FaultReason.MAPPING: FAULT_R_MAPPING}
 
 
+class _Seen:
+    """What a traced request turned out to be (filled in as it is executed)."""
+
+    __slots__ = ("body", "name", "rtype", "status")
+
+    def __init__(self) -> None:
+        self.rtype: RequestType | None = None
+        self.body = b""
+        self.name = "MALFORMED"
+        self.status = "NONE"
+
+    def event(self, start_ns: int, end_ns: int, mappings: int) -> IommuRequestDone:
+        """The request as an :class:`IommuRequestDone`."""
+        fields: dict[str, int] = {}
+        body, rtype = self.body, self.rtype
+        if rtype == RequestType.ATTACH and body:
+            fields["domain"], fields["endpoint"], fields["flags"], _ = _ATTACH.unpack(body)
+        elif rtype == RequestType.DETACH and body:
+            fields["domain"], fields["endpoint"] = _DETACH.unpack(body)
+        elif rtype == RequestType.MAP and body:
+            (fields["domain"], fields["virt_start"], fields["virt_end"], fields["phys_start"],
+             fields["flags"]) = _MAP.unpack(body)
+        elif rtype == RequestType.UNMAP and body:
+            fields["domain"], fields["virt_start"], fields["virt_end"], _ = _UNMAP.unpack(body)
+        elif rtype == RequestType.PROBE and body:
+            (fields["endpoint"],) = _PROBE.unpack(body)
+        return IommuRequestDone(self.name, self.status, start_ns, end_ns, mappings=mappings,
+                                **fields)
+
+
 def fault_record(fault: Fault) -> bytes:
     """The 24-byte ``virtio_iommu_fault`` record of ``fault``."""
     flags = int(fault.access) | FAULT_F_ADDRESS
@@ -99,6 +130,7 @@ class VirtioIommu(VirtioDevice):
         self.requests: Counter[tuple[str, str]] = Counter()
         self.faults_reported = 0
         self.faults_dropped = 0
+        self._seen: _Seen | None = None  # the request being traced, if any
 
     # -- features and config --------------------------------------------------------
 
@@ -153,9 +185,24 @@ class VirtioIommu(VirtioDevice):
     def process(self, index: int, queue: SplitQueue) -> None:
         if index != REQUEST_QUEUE:
             return  # event buffers are consumed when a fault is reported
-        while (chain := queue.pop()) is not None:
-            queue.push(chain, self._request(queue.dma, chain))
+        if self.events.wants(IommuRequestDone):
+            self._process_traced(queue)
+        else:
+            while (chain := queue.pop()) is not None:
+                queue.push(chain, self._request(queue.dma, chain))
         self.interrupt(index)
+
+    def _process_traced(self, queue: SplitQueue) -> None:
+        """:meth:`process`, publishing each request as an IommuRequestDone."""
+        while (chain := queue.pop()) is not None:
+            start = time.monotonic_ns()
+            self._seen = seen = _Seen()
+            try:
+                queue.push(chain, self._request(queue.dma, chain))
+            finally:
+                self._seen = None
+            self.events.publish(seen.event(start, time.monotonic_ns(),
+                                           self.iommu.mapping_count))
 
     def _request(self, dma: DmaSpace, chain: Chain) -> int:
         """Executes one request; returns the number of bytes written."""
@@ -174,9 +221,13 @@ class VirtioIommu(VirtioDevice):
         except ValueError:
             log.warning("unknown request type %d", code)
             self.requests[(f"TYPE_{code}", "NONE")] += 1
+            if self._seen is not None:
+                self._seen.name = f"TYPE_{code}"
             return 0
         if rtype == RequestType.PROBE and not self.has_feature(F_PROBE):
             self.requests[(rtype.name, "NONE")] += 1
+            if self._seen is not None:
+                self._seen.name = rtype.name
             return 0
         props = b""
         expected_writable = TAIL_SIZE
@@ -190,6 +241,8 @@ class VirtioIommu(VirtioDevice):
             except DMA_ERRORS as e:
                 log.error("%s request cannot be read: %s", rtype.name, e)
                 return self._complete(dma, chain, rtype.name, Status.IOERR)
+            if self._seen is not None:
+                self._seen.rtype, self._seen.body = rtype, body
             try:
                 status, props = self._execute(rtype, body)
             except Exception:  # a bug of ours must not take the device down
@@ -219,6 +272,8 @@ class VirtioIommu(VirtioDevice):
             status = Status.IOERR
             scatter(dma, chain.writable, bytes([status, 0, 0, 0]), len(out) - TAIL_SIZE)
         self.requests[(name, status.name)] += 1
+        if self._seen is not None:
+            self._seen.name, self._seen.status = name, status.name
         return len(out)
 
     def _execute(self, rtype: RequestType, body: bytes) -> tuple[Status, bytes]:

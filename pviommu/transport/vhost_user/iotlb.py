@@ -19,6 +19,11 @@ translations here:
 
 ``generation`` changes on every invalidation and clear, so views cached from
 earlier lookups can be dropped.
+
+Once the wiring gave it an event bus (:meth:`DeviceIotlb.trace_to`), each MISS
+round trip is published as :class:`~pviommu.events.IotlbMissDone` and each
+UPDATE or INVALIDATE as :class:`~pviommu.events.IotlbMessage`, when a listener
+wants them.
 """
 
 from __future__ import annotations
@@ -26,10 +31,12 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 from ...dma import Access
+from ...events import EventBus, IotlbMessage, IotlbMissDone
 from ...memory import GuestMemory
 from . import protocol as p
 from .backend_channel import BackendChannel, BackendChannelError, BackendChannelTimeout
@@ -125,12 +132,20 @@ class DeviceIotlb:
         self.max_entries = max_entries
         self.channel: BackendChannel | None = None
         self.generation = 0
+        self.events: EventBus | None = None
+        self.endpoint = -1
         self._starts: list[int] = []
         self._entries: list[IotlbEntry] = []
         self._misses: dict[tuple[int, int], _Miss] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def trace_to(self, events: EventBus, endpoint: int) -> None:
+        """Publishes the round trips and QEMU's messages on ``events`` (when wanted), as
+        those of ``endpoint`` (the StreamID)."""
+        self.events = events
+        self.endpoint = endpoint
 
     def entries(self) -> list[IotlbEntry]:
         """The cached entries, by iova."""
@@ -227,6 +242,31 @@ class DeviceIotlb:
         return None
 
     async def _miss(self, miss: _Miss, channel: BackendChannel) -> None:
+        events = self.events
+        if events is None or not events.wants(IotlbMissDone):
+            await self._round_trip(miss, channel)
+            return
+        start, result = time.monotonic_ns(), "cancelled"
+        try:
+            await self._round_trip(miss, channel)
+            result = "ok"
+        except IotlbMissRefused:
+            result = "refused"
+            raise
+        except IotlbTimeout:
+            result = "timeout"
+            raise
+        except IotlbProtocolError:
+            result = "unanswered"
+            raise
+        except IotlbUnavailable:
+            result = "unavailable"
+            raise
+        finally:
+            events.publish(IotlbMissDone(self.endpoint, miss.iova, Access(miss.access).name,
+                                         result, start, time.monotonic_ns()))
+
+    async def _round_trip(self, miss: _Miss, channel: BackendChannel) -> None:
         self.stats["iotlb_miss"] += 1
         msg = p.IotlbMsg(miss.iova, 0, 0, _perm(miss.access), p.IotlbType.MISS)
         access = Access(miss.access)
@@ -259,7 +299,8 @@ class DeviceIotlb:
         uaddr outside guest memory) when it must be refused."""
         if msg.type == p.IotlbType.UPDATE:
             self.stats["iotlb_update"] += 1
-            self.update(msg.iova, msg.size, msg.uaddr, msg.perm)
+            gpa = self.update(msg.iova, msg.size, msg.uaddr, msg.perm)
+            self._published("UPDATE", msg, gpa)
         elif msg.type == p.IotlbType.INVALIDATE:
             self.stats["iotlb_invalidate"] += 1
             if msg.size and msg.iova + msg.size > ADDRESS_LIMIT:
@@ -267,13 +308,21 @@ class DeviceIotlb:
                 raise ValueError(f"INVALIDATE {msg.iova:#x}+{msg.size:#x} wraps past 2^64 "
                                  "(everything was invalidated)")
             self.invalidate(msg.iova, msg.size)
+            self._published("INVALIDATE", msg)
         else:
             kind = p.IotlbType(msg.type).name if msg.type in set(p.IotlbType) \
                 else str(msg.type)
             raise ValueError(f"IOTLB message type {kind} is not one a frontend sends")
 
-    def update(self, iova: int, size: int, uaddr: int, perm: int) -> None:
-        """Caches the UPDATE ``[iova, iova+size) -> uaddr`` for the misses it answers."""
+    def _published(self, kind: str, msg: p.IotlbMsg, gpa: int | None = None) -> None:
+        events = self.events
+        if events is not None and events.wants(IotlbMessage):
+            events.publish(IotlbMessage(self.endpoint, kind, msg.iova, msg.size,
+                                        time.monotonic_ns(), gpa))
+
+    def update(self, iova: int, size: int, uaddr: int, perm: int) -> int:
+        """Caches the UPDATE ``[iova, iova+size) -> uaddr`` for the misses it answers;
+        returns the guest-physical address ``uaddr`` is."""
         if perm & ~int(p.IotlbPerm.RW) or not perm:
             raise ValueError(f"UPDATE permission {perm:#x} is not RO, WO or RW")
         if not size or iova % PAGE_SIZE or size % PAGE_SIZE:
@@ -288,7 +337,7 @@ class DeviceIotlb:
             # QEMU pushes one for the used ring; its perm was never checked for us.
             self.stats["iotlb_update_unsolicited"] += 1
             log.debug("IOTLB UPDATE %#x+%#x no MISS asked for: not cached", iova, size)
-            return
+            return gpa
         asked = 0
         for m in answered:
             asked |= m.access
@@ -297,6 +346,7 @@ class DeviceIotlb:
             m.granted |= granted & m.access
         if granted:
             self._insert(IotlbEntry(iova, size, gpa, granted))
+        return gpa
 
     def _insert(self, entry: IotlbEntry) -> None:
         lo = bisect.bisect_right(self._starts, entry.iova) - 1
