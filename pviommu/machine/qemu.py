@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     # QEMU must not outlive the Python process that launched it, even on SIGKILL.
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
@@ -37,7 +37,7 @@ async def dump_dtb(qemu: Path, topology: Topology, out: Path, timeout: float = 6
     argv = topology.command_line(qemu, dumpdtb=out)
     proc = await asyncio.create_subprocess_exec(
         *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        preexec_fn=_die_with_parent)
+        preexec_fn=die_with_parent)
     try:
         output, _ = await asyncio.wait_for(proc.communicate(), timeout)
     except TimeoutError:
@@ -82,7 +82,7 @@ class QemuMachine:
         self.started_at = time.monotonic()
         self.child = pexpect.spawn(argv[0], argv[1:], encoding="utf-8",
                                    codec_errors="replace", echo=False,
-                                   preexec_fn=_die_with_parent, timeout=None)
+                                   preexec_fn=die_with_parent, timeout=None)
         if self.log_file is not None:
             self._log_fh = open(self.log_file, "w")  # noqa: SIM115 (closed in stop)
             self.child.logfile_read = self._log_fh

@@ -78,9 +78,13 @@ class VirtioRngPci(Device):
 
     addr: str = "2.0"
     id: str = "rng0"
+    iommu_platform: bool = False
+    """Offer VIRTIO_F_ACCESS_PLATFORM: its DMA then goes through QEMU's own IOMMU."""
 
     def qemu_args(self) -> list[str]:
-        return ["-device", f"virtio-rng-pci,id={self.id},addr={self.addr},disable-legacy=on"]
+        platform = ",iommu_platform=on" if self.iommu_platform else ""
+        return ["-device",
+                f"virtio-rng-pci,id={self.id},addr={self.addr},disable-legacy=on{platform}"]
 
 
 @dataclass
@@ -97,14 +101,20 @@ class VirtioBlkPci(Device):
     addr: str = "2.0"
     id: str = "blk0"
     iommu_platform: bool = True
+    read_only: bool = False
+    serial: str | None = None
+    """What the guest reads as the disk's serial (virtio-blk GET_ID); None: QEMU's none."""
 
     def qemu_args(self) -> list[str]:
+        ro = ",read-only=on" if self.read_only else ""
         return [
             "-blockdev",
-            f"driver=file,filename={self.image},node-name={self.id}-file,cache.direct=off",
-            "-blockdev", f"driver=raw,file={self.id}-file,node-name={self.id}-fmt",
+            f"driver=file,filename={self.image},node-name={self.id}-file,cache.direct=off"
+            f"{ro}",
+            "-blockdev", f"driver=raw,file={self.id}-file,node-name={self.id}-fmt{ro}",
             "-device", f"virtio-blk-pci,id={self.id},drive={self.id}-fmt,addr={self.addr},"
-            f"disable-legacy=on,iommu_platform={'on' if self.iommu_platform else 'off'}",
+            f"disable-legacy=on,iommu_platform={'on' if self.iommu_platform else 'off'}"
+            + (f",serial={self.serial}" if self.serial else ""),
         ]
 
 
@@ -178,6 +188,9 @@ class Topology:
     iommu: str | None = None
     """The virt machine's own IOMMU (``"smmuv3"``: QEMU's SMMUv3 on the PCI bus,
     the guest's stage 1 in vSMMU mode); None for none."""
+    user_qmp: Path | None = None
+    """A second QMP monitor on this UNIX socket, for people (``qmp-shell``) while the
+    launcher holds the first one (a QEMU QMP socket takes one client at a time)."""
 
     def machine_option(self, dumpdtb: Path | None = None) -> str:
         """The value of -machine."""
@@ -204,7 +217,9 @@ class Topology:
             "-object",
             f"memory-backend-memfd,id=mem,size={self.memory_mb}M,share=on",
             "-nodefaults", "-no-user-config", "-nic", "none",
-            "-display", "none", "-monitor", "none", "-serial", "stdio",
+            "-display", "none", "-monitor", "none",
+            # signal=off: a Ctrl-C typed on the console reaches the guest, not QEMU.
+            "-chardev", "stdio,id=serial0,signal=off", "-serial", "chardev:serial0",
             "-no-reboot",
             "-kernel", str(self.kernel),
             "-initrd", str(self.initrd),
@@ -214,6 +229,9 @@ class Topology:
             argv += ["-dtb", str(self.dtb)]
         if qmp_socket is not None:
             argv += ["-qmp", f"unix:{qmp_socket},server=on,wait=off"]
+        if self.user_qmp is not None and dumpdtb is None:
+            argv += ["-chardev", f"socket,id=userqmp,path={self.user_qmp},server=on,wait=off",
+                     "-mon", "chardev=userqmp,mode=control"]
         for dev in self.devices:
             argv += dev.qemu_args()
         return argv
