@@ -23,10 +23,12 @@ from qemu.qmp import EventListener, QMPClient
 from ..backend import EVENT_NEEDS_RESET, EVENT_REVOKED, Backend, BackendConfig
 from ..endpoints import EndpointSpec
 from ..iommu.pv import IommuConfig
+from ..lab.faults import pv_faults
+from ..lab.state import pv_state
 from ..machine.console import Console, GuestFailed, Marker
 from ..machine.dtb import add_pci_iommu
 from ..machine.guest_image import build_initramfs
-from ..machine.guestlog import attach_io_errors, guest_faults, guest_io_errors
+from ..machine.guestlog import guest_io_errors
 from ..machine.qemu import QemuMachine, dump_dtb
 from ..machine.topology import (
     Device,
@@ -38,7 +40,6 @@ from ..machine.topology import (
     pci_rid,
 )
 from ..provision import GuestAssets
-from ..qmp.viommu import EVENT_FAULT
 from .dma import DmaPlan, blk_checks, make_image
 
 IOMMU_ADDR = "1.0"
@@ -169,28 +170,6 @@ async def wait_step(console: Console, resets: EventListener, name: str, timeout:
     return marker.result()
 
 
-MAPPINGS_SHOWN = 32
-
-
-async def iommu_state(client: QMPClient) -> dict[str, Any]:
-    """The report's ``iommu`` section, asked of the backend over QMP.
-
-    ``mappings`` holds the first MAPPINGS_SHOWN mappings of each domain.
-    """
-    stats = await client.execute("query-viommu-stats")
-    domains = await client.execute("query-viommu-domains")
-    mappings = {}
-    for d in domains:
-        found = await client.execute("query-viommu-mappings", {"domain": d["id"]})
-        mappings[str(d["id"])] = found[:MAPPINGS_SHOWN]
-    return {"domains": domains,
-            "mappings": mappings,
-            "endpoints": await client.execute("query-viommu-endpoints"),
-            "requests": stats["requests"],
-            "faults_reported": stats["faults-reported"],
-            "faults_dropped": stats["faults-dropped"]}
-
-
 async def run(qemu: Path, assets: GuestAssets, workdir: Path,
               options: PvOptions | None = None) -> dict[str, Any]:
     """Runs the PV scenario once and returns the report (see README: demo --json)."""
@@ -225,7 +204,7 @@ async def run(qemu: Path, assets: GuestAssets, workdir: Path,
                 assert vm.console is not None
                 booted = await vm.console.wait_marker("BOOTED", opts.boot_timeout)
                 await wait_step(vm.console, resets, "READY", opts.step_timeout)
-                report["iommu"] = await iommu_state(client)
+                report["iommu"] = await pv_state(client)
                 vm.console.send("\n")  # the guest holds at READY until then
                 injected = None
                 if opts.fault is not None:
@@ -251,14 +230,7 @@ async def run(qemu: Path, assets: GuestAssets, workdir: Path,
 
     if (failed := console.find("FAIL")) is not None:
         raise GuestFailed(f"guest scenario failed: {failed.fields.get('reason', '?')}")
-    qmp_faults = [e for e in events if e.get("event") == EVENT_FAULT]
-    faults = guest_faults(console.lines)
-    attach_io_errors(faults, console.lines)
-    for f in faults:
-        f["qmp_event"] = next((e["data"] for e in qmp_faults
-                               if e["data"]["endpoint"] == f["endpoint"]
-                               and e["data"]["address"] == f["address"]), None)
-    report["faults"] = faults
+    report["faults"] = pv_faults(console.lines, events)
     report["injected"] = injected
     report["qmp_events"] = [{"event": e["event"], "data": e.get("data", {})} for e in events]
     if opts.blk is not None:

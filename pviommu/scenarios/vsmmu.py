@@ -25,13 +25,14 @@ from qemu.qmp import EventListener, QMPClient
 
 from ..backend import EVENT_NEEDS_RESET, Backend, BackendConfig
 from ..endpoints import EndpointSpec
+from ..lab.faults import vsmmu_faults
+from ..lab.state import vsmmu_state
 from ..machine.console import Console, GuestFailed
 from ..machine.guest_image import build_initramfs
-from ..machine.guestlog import guest_io_errors, guest_smmu_faults
+from ..machine.guestlog import guest_io_errors
 from ..machine.qemu import QemuMachine
 from ..machine.topology import Topology, VhostUserBlkPci, VhostUserRngPci, pci_name, pci_rid
 from ..provision import GuestAssets
-from ..qmp.viommu import EVENT_FAULT
 from ..qmp.vsmmu import EVENT_VSMMU
 from .dma import blk_checks, make_image
 from .pv import backend_qmp, demo_plan, rng_report, wait_step
@@ -111,18 +112,6 @@ async def _rogue_dma(client: QMPClient, console: Console, resets: EventListener,
     return {"address": ROGUE_IOVA, "access": "read", "result": result}
 
 
-async def _vsmmu_state(client: QMPClient) -> dict[str, Any]:
-    """Stage 2 and the host-side event queue as QMP shows them."""
-    stage2 = await client.execute("query-stage2")
-    queue = await client.execute("query-vsmmu-events")
-    return {"stage2": {k: stage2[k] for k in ("ias", "oas", "granule", "start-level",
-                                              "generation", "table-bytes")}
-            | {"ranges": len(stage2["ranges"]),
-               "mapped_bytes": sum(r["ipa-end"] - r["ipa-start"] + 1
-                                   for r in stage2["ranges"])},
-            "events": queue}
-
-
 async def run(qemu: Path, assets: GuestAssets, workdir: Path) -> dict[str, Any]:
     """Runs the vSMMU scenario once and returns the report (see README: demo --json)."""
     t0 = time.monotonic()
@@ -165,7 +154,7 @@ async def run(qemu: Path, assets: GuestAssets, workdir: Path) -> dict[str, Any]:
                 done = await wait_step(console, resets, "DONE", STEP_TIMEOUT)
                 exit_status = await vm.wait_exit(STEP_TIMEOUT)
             events = [dict(ev) for ev in listener.history]
-            state = await _vsmmu_state(client)
+            state = await vsmmu_state(client)
             devices = await client.execute("query-endpoint-devices")
         finally:
             await client.disconnect()
@@ -237,34 +226,3 @@ def shows_everything(report: dict[str, Any]) -> bool:
         and s1[0]["address"] == vs["rogue_dma"]["address"] and s1[0]["injected"]
         and s2[0]["io_errors"] and s2[0]["qmp_event"]
         and vs["stage2_unmap"]["recovered"] and vs["rogue_dma"]["guest_carried_on"])
-
-
-def vsmmu_faults(lines: list[str], events: list[dict[str, Any]],
-                 injected: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The report's ``faults`` in vSMMU mode, each with its ``stage``.
-
-    Stage 1: what the guest's arm-smmu-v3 logged, joined with the ``inject-dma``
-    answer (``injected``) and the ``IOMMU_FAULT`` of the same endpoint and address.
-    Stage 2: each ``VSMMU_EVENT`` (the host's record), joined with the guest's
-    block-layer I/O errors, in order (the last one takes any left over).
-    """
-    qmp_faults = [e["data"] for e in events if e.get("event") == EVENT_FAULT]
-    faults: list[dict[str, Any]] = []
-    for f in guest_smmu_faults(lines):
-        f["qmp_event"] = next((d for d in qmp_faults if d["endpoint"] == f["endpoint"]
-                               and d["address"] == f["address"]), None)
-        fault = (injected or {}).get("fault") or {}
-        f["injected"] = injected if (fault.get("address"), fault.get("stage")) == (
-            f["address"], 1) else None
-        faults.append(f)
-    records = [e["data"] for e in events if e.get("event") == EVENT_VSMMU]
-    errors = guest_io_errors(lines)
-    for i, data in enumerate(records):
-        mine = errors[i:i + 1] if i < len(records) - 1 else errors[i:]
-        faults.append({
-            "source": "host", "stage": 2, "endpoint": data["stream-id"],
-            "address": data["input-address"], "ipa": data["ipa"],
-            "access": "read" if data["rnw"] else "write", "reason": data["type"],
-            "record": data["record"], "qmp_event": data, "io_errors": mine,
-            "guest_log": "\n".join(mine)})
-    return faults

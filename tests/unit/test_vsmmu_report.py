@@ -5,9 +5,9 @@ import copy
 
 from pviommu.cli import demo_ok
 from pviommu.iommu.smmu_events import SmmuEvent
+from pviommu.lab.faults import vsmmu_faults
 from pviommu.machine.guestlog import guest_smmu_faults
 from pviommu.report import format_report
-from pviommu.scenarios.vsmmu import vsmmu_faults
 
 # As a Linux 6.12 guest printed them for a refused IOTLB miss at 0xdead000 (QEMU 10.2.2).
 SMMU = "arm-smmu-v3 9050000.smmuv3: "
