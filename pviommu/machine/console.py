@@ -131,6 +131,44 @@ class Console:
             lambda: next((line for line in self.lines if rx.search(line)), None),
             f"line matching {pattern!r}", timeout)
 
+    async def wait_match(self, start: int, pattern: re.Pattern[str], what: str,
+                         timeout: float) -> tuple[int, re.Match[str]]:
+        """Waits for a line from index ``start`` on that ``pattern`` matches (searched
+        anywhere in the line); returns its index and the match. Raises GuestTimeout
+        after ``timeout`` seconds and GuestFailed if QEMU closes the console first.
+        Unlike :meth:`wait_until` it ignores the scenario markers (FAIL)."""
+        deadline = time.monotonic() + timeout
+        index = start
+        while True:
+            while index < len(self.lines):
+                if m := pattern.search(self.lines[index]):
+                    return index, m
+                index += 1
+            if self.closed:
+                raise GuestFailed(f"QEMU exited before the guest printed {what}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise GuestTimeout(f"no {what} from the guest within {timeout:g}s")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
+
+    def partial(self) -> str:
+        """What the console printed after its last complete line (e.g. a prompt)."""
+        buffer = self.child.buffer if isinstance(self.child.buffer, str) else ""
+        return buffer.replace("\r", "")
+
+    def tail(self, n: int = 20) -> str:
+        """The last ``n`` lines of the console."""
+        return "\n".join(self.lines[-n:])
+
+    def release(self) -> None:
+        """Hands the console over to someone else (after :meth:`stop`): pexpect's
+        asyncio reader stops taking the child's output into its buffer."""
+        waiter = getattr(self.child, "async_pw_transport", None)
+        if waiter is not None:
+            waiter[1].pause_reading()
+
     async def wait_closed(self, timeout: float) -> bool:
         """Waits until QEMU closes the console; False on timeout."""
         deadline = time.monotonic() + timeout

@@ -1,0 +1,7 @@
+"""``python -m pviommu``: the ``pviommu`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
