@@ -228,7 +228,7 @@ class VirtioBlk(TracedRequests, VirtioDevice):
         ``seen``, when the request is traced, gets its type, sector, length and status."""
         dma = queue.dma
         if seen is not None:
-            seen.kind, seen.status = "MALFORMED", Status.IOERR.name
+            seen.kind, seen.status = "UNKNOWN", Status.IOERR.name
         if chain.writable_len < 1:
             log.error("request %d has no writable status byte (%d readable bytes); completed "
                       "unwritten", chain.head, chain.readable_len)
