@@ -30,6 +30,7 @@ from .qmp.viommu import EVENT_NEEDS_RESET as EVENT_NEEDS_RESET
 from .qmp.viommu import EVENT_REVOKED as EVENT_REVOKED
 from .qmp.viommu import ViommuCommands, check_args
 from .qmp.vsmmu import VsmmuCommands
+from .trace import TraceRecorder
 from .transport.vfio_user.server import DEFAULT_MAX_DMA_MAPS
 from .transport.vhost_user.backend import VhostUserServer
 
@@ -61,6 +62,9 @@ class BackendConfig:
     """DMA maps a vfio-user client may hold at once, per endpoint."""
     qmp_max_clients: int = QMP_MAX_CLIENTS
     """QMP clients connected at once; one more is refused."""
+    trace: Path | None = None
+    """Where to write the IOMMU traffic as a Trace Event Format timeline
+    (docs/TRACING.md); None: no trace, and the request paths pay nothing for it."""
 
     def endpoint_ids(self) -> list[int] | None:
         """The IDs that exist behind the PV-IOMMU (None: any), its devices' included."""
@@ -119,6 +123,7 @@ class Backend:
         self.dma_commands = DmaCommands(self.qmp, self.dma_space)
         self.events.listen(self._check_revoked, MappingRevoked)
         self._announce_needs_reset()
+        self.trace: TraceRecorder | None = None
 
     def _endpoint(self, spec: EndpointSpec) -> Endpoint | VsmmuEndpoint:
         if spec.mode == "vsmmu":
@@ -200,6 +205,9 @@ class Backend:
         there), the ones already bound are closed and removed before it raises.
         """
         try:
+            if self.config.trace is not None:
+                self.trace = TraceRecorder.open(self.config.trace, self.events, {
+                    ep.spec.endpoint: ep.spec.kind for ep in self.endpoints.values()})
             if self.vhost is not None:
                 await self.vhost.start()
             for ep in self.endpoints.values():
@@ -220,12 +228,17 @@ class Backend:
                      ep.spec.mode, ep.spec.transport, ep.spec.socket)
 
     async def close(self) -> None:
-        """Closes every socket and drops the current frontends."""
-        await self.qmp.close()
-        for ep in self.endpoints.values():
-            await ep.close()
-        if self.vhost is not None:
-            await self.vhost.close()
+        """Closes every socket and drops the current frontends, then finishes the trace."""
+        try:
+            await self.qmp.close()
+            for ep in self.endpoints.values():
+                await ep.close()
+            if self.vhost is not None:
+                await self.vhost.close()
+        finally:
+            if self.trace is not None:
+                self.trace.close()
+                self.trace = None
 
     async def __aenter__(self) -> Backend:
         await self.start()
