@@ -26,6 +26,7 @@ from pathlib import Path
 
 from qemu.qmp import QMPClient
 
+from pviommu.microbench.served import stop_process
 from pviommu.transport.vhost_user.protocol import Request as R
 
 from .vfio_user import FakeQemu
@@ -127,14 +128,7 @@ class ServedBackend:
         """Stops the backend (SIGKILL if ``sig`` does not); returns its exit status."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc, sig, timeout)
 
     def resources(self) -> Resources:
         """The backend's fds, mappings and RSS now."""
