@@ -26,7 +26,7 @@ def run_micro(requests: int = 20000, placements: tuple[str, ...] = PLACEMENTS,
     """Runs the micro-benchmark against real ``pviommu serve`` processes.
 
     ``requests`` round trips per case and placement (the strict vSMMU reads: a
-    quarter of them), ``floor_rounds`` eventfd ping-pongs, half before the cases and
+    fifth of them), ``floor_rounds`` eventfd ping-pongs, half before the cases and
     half after. ``placements`` are some of ``any`` (unpinned), ``cross`` (client and
     backend on two CPUs), ``same`` (both on one). Returns ``floor`` (``cross_core``
     and ``one_core``: n, median_us, p99_us), ``rows`` (one per case and placement:

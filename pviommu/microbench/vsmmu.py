@@ -143,7 +143,7 @@ def _placement(guest: VsmmuGuest, pid: int, requests: int, placement: str
                   requests, lambda i: guest.blk_read(), trips=1),
             timed("vSMMU IOTLB INVALIDATE alone", placement, pid, requests,
                   lambda i: guest.invalidate(UNCACHED_IOVA + PAGE * (i % 64)), trips=1)]
-    strict_n = max(1, requests // 4)
+    strict_n = max(1, requests // 5)
     invalidations: list[int] = []
 
     def forget_warmup() -> None:
