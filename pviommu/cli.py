@@ -21,6 +21,8 @@ from . import kconfig, provision
 from .backend import Backend, BackendConfig
 from .endpoints import EndpointSpec, create_image, kind_option, parse_endpoint_id
 from .iommu.pv import IommuConfig, ResvRegion, ResvType
+from .lab import LabError, TopologyError
+from .lab.commands import add_lab_options, cmd_run, cmd_shell
 from .machine.console import GuestFailed, GuestTimeout
 from .machine.dtb import DtbError, add_pci_iommu
 from .machine.guest_image import (
@@ -342,7 +344,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            devices=devices, socket_group=group,
                            max_dma_maps=args.max_dma_maps,
                            qmp_max_clients=args.qmp_max_clients,
-                           allow_unsealed_memory=args.allow_unsealed_memory)
+                           allow_unsealed_memory=args.allow_unsealed_memory,
+                           trace=args.trace)
     if os.environ.get("PVIOMMU_DEBUG_NO_GC"):
         gc.disable()  # tests: a gone client's memory must be freed without the collector
     try:
@@ -410,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-dma-maps", type=_max_dma_maps, default=DEFAULT_MAX_DMA_MAPS,
                    metavar="N", help="DMA maps one vfio-user client may hold per endpoint; "
                                      "past it DMA_MAP fails with ENOSPC (default %(default)s)")
+    p.add_argument("--trace", type=Path, metavar="FILE",
+                   help="write the IOMMU traffic to FILE as a Trace Event Format timeline "
+                        "(Perfetto, chrome://tracing; docs/TRACING.md)")
     p.add_argument("--allow-unsealed-memory", action="store_true",
                    help="map guest memory fds that are not memfds sealed against shrinking "
                         "(QEMU's memory-backend-memfd seals them by default): trusts the "
@@ -459,6 +465,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_iommu_options(p)
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("shell", help="boot a lab (a topology file, docs/LAB.md) and hand "
+                                     "over the guest's console")
+    add_lab_options(p)
+    p.set_defaults(func=cmd_shell)
+
+    p = sub.add_parser("run", help="boot a lab, run one guest command and exit with its status",
+                       usage="pviommu run [-h] [options] [TOPOLOGY] -- COMMAND...")
+    add_lab_options(p)
+    p.add_argument("--timeout", type=float, default=600, metavar="SECONDS",
+                   help="how long the command may run; then it gets a Ctrl-C and run "
+                        "exits with 124 (default %(default)g)")
+    p.set_defaults(func=cmd_run)
+
     p = sub.add_parser("bench", help="measure guest disk throughput through the PV and vSMMU "
                                      "paths against QEMU's built-in virtio-iommu + virtio-blk")
     p.add_argument("--rounds", type=int, default=7,
@@ -477,12 +496,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pviommu`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    guest_command = None
+    if "--" in argv:  # run's guest command, kept whole (argparse would mix it in)
+        cut = argv.index("--")
+        argv, guest_command = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
+    if guest_command is not None:
+        if args.func is not cmd_run:
+            build_parser().error("'--' separates the guest command of `pviommu run`")
+        args.guest_command = guest_command
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(name)s: %(message)s")
     try:
         return args.func(args)
-    except (provision.ProvisionError, QemuError, GuestFailed, GuestTimeout) as exc:
+    except (provision.ProvisionError, QemuError, GuestFailed, GuestTimeout, LabError,
+            TopologyError) as exc:
         print(f"pviommu: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

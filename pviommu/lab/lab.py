@@ -17,6 +17,7 @@ Ctrl-C. Both processes also die with the Python process that started them.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import logging
 import shutil
@@ -368,7 +369,19 @@ class Lab:
         (``await asyncio.to_thread(lab.interact)``) after :meth:`release_console`."""
         if self.machine is None or self.machine.child is None:
             raise LabError("the lab is not running")
-        self.machine.child.interact(escape_character=escape)
+        child = self.machine.child
+        # pexpect's interact hands bytes to a str spawn's log file: log them here.
+        log_file, child.logfile_read = child.logfile_read, None
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+        def keep(data: bytes) -> bytes:
+            if log_file is not None:
+                log_file.write(decoder.decode(data))
+            return data
+        try:
+            child.interact(escape_character=escape, output_filter=keep)
+        finally:
+            child.logfile_read = log_file
 
     async def release_console(self) -> None:
         """Stops reading the console in the background, for :meth:`interact`."""

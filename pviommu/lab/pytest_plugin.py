@@ -32,7 +32,7 @@ from .topology import Topology
 try:
     import pytest_asyncio
 except ImportError:  # pragma: no cover - a usage error, said at collection
-    pytest_asyncio = None
+    pytest_asyncio = None  # type: ignore[assignment]
 
 MakeLab = Callable[..., Awaitable[Lab]]
 _FIXTURES = ("lab", "make_lab")

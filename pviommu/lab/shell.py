@@ -97,6 +97,12 @@ class GuestShell:
             raise CommandFailed(result)
         return result
 
+    async def raw(self, command: str, timeout: float = 30) -> CommandResult:
+        """Runs ``command`` in the console's shell itself, not in a child ``sh -c``, so
+        that it can change the shell (``cd``, variables, ``stty``). It is typed as it
+        is: it must be one line of complete shell syntax."""
+        return await self._run(command, timeout, raw=True)
+
     async def _run(self, command: str, timeout: float, raw: bool = False) -> CommandResult:
         async with self._lock:
             if self._lost is not None:

@@ -56,6 +56,11 @@ class Console:
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def reading(self) -> bool:
+        """Whether the background reader runs."""
+        return self._task is not None and not self._task.done()
+
     def start(self) -> None:
         """Starts the background reader."""
         self._task = asyncio.create_task(self._reader())

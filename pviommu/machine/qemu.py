@@ -124,6 +124,17 @@ class QemuMachine:
             time.sleep(0.05)
         return self.child.exitstatus if not self.child.isalive() else None
 
+    async def _wait_exit(self, timeout: float) -> bool:
+        """Waits for QEMU to close its console, or, if nobody reads the console any
+        more (it was handed to a person), for the process to end."""
+        assert self.child is not None
+        if self.console is not None and self.console.reading:
+            return await self.console.wait_closed(timeout)
+        deadline = time.monotonic() + timeout
+        while self.child.isalive() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return not self.child.isalive()
+
     async def stop(self, timeout: float = 10) -> None:
         """Stops QEMU: QMP quit, then SIGKILL; closes everything. Idempotent."""
         if self.child is not None and self.child.isalive() and self.qmp is not None:
@@ -134,7 +145,7 @@ class QemuMachine:
                 await asyncio.wait_for(self.qmp.disconnect(), timeout)
             self.qmp = None
         if self.child is not None:
-            if self.console is not None and not await self.console.wait_closed(timeout):
+            if not await self._wait_exit(timeout):
                 log.warning("QEMU (pid %s) did not quit; killing it", self.child.pid)
             if self.child.isalive():
                 self.child.kill(signal.SIGKILL)
