@@ -251,6 +251,19 @@ class Lab:
         except GuestFailed as exc:
             raise GuestFailed(f"{exc}\n{self._diagnosis()}") from None
 
+    async def spawn(self, command: str) -> None:
+        """Starts a shell command in the guest in the background (output to the
+        console, :attr:`console`); :meth:`run` goes on answering meanwhile."""
+        await self.shell.spawn(command)
+
+    async def poweroff(self, timeout: float = 60) -> int | None:
+        """Powers the guest off (``poweroff -f``) and waits for QEMU to exit; QEMU's
+        exit status (None if it did not exit within ``timeout``). The lab can only
+        be left afterwards."""
+        self.console.send("poweroff -f\n")
+        assert self.machine is not None
+        return await self.machine.wait_exit(timeout)
+
     async def kernel_log(self) -> list[str]:
         """The guest kernel's log so far (``dmesg``)."""
         return await self.shell.kernel_log()

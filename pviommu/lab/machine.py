@@ -149,6 +149,15 @@ class PvWiring(Wiring):
             args.append("--no-bypass-config")
         for start, end in i.reserved:
             args += ["--reserved", f"{start:#x}:{end:#x}"]
+        args += ["--page-size-mask", f"{i.page_size_mask:#x}", "--probe-size", str(i.probe_size)]
+        for option, value in (("--input-range", i.input_range),
+                              ("--domain-range", i.domain_range)):
+            if value is not None:
+                args += [option, f"{value[0]:#x}:{value[1]:#x}"]
+        if i.mmio:
+            args.append("--mmio")
+        if not i.msi_region:
+            args.append("--no-msi-region")
         for ep in endpoints:
             args += _serve_endpoint(ep, ep.kind)
         return args
@@ -185,38 +194,45 @@ class VsmmuWiring(Wiring):
 
 
 class QemuWiring(Wiring):
-    """QEMU's own devices: its virtio-iommu-pci (``builtin``) or no IOMMU (``none``)."""
+    """QEMU's own devices behind its virtio-iommu-pci (``builtin``), its SMMUv3
+    (``smmuv3``) or no IOMMU (``none``)."""
 
-    def __init__(self, iommu: bool) -> None:
+    def __init__(self, iommu: str | None) -> None:
         self.iommu = iommu
-        self.iommu_module = "virtio_iommu" if iommu else None
+        self.machine_iommu = "smmuv3" if iommu == "smmuv3" else None
+        self.iommu_module = "virtio_iommu" if iommu == "virtio-iommu" else None
 
     def devices(self, topology: Topology, endpoints: list[LabEndpoint],
                 viommu: Path) -> list[Device]:
         out: list[Device] = []
-        if self.iommu:
+        if self.iommu == "virtio-iommu":
             assert topology.iommu_address is not None
             out.append(VirtioIommuPci(addr=topology.iommu_address))
+        translated = self.iommu is not None
         for n, ep in enumerate(endpoints):
             if ep.kind == "blk":
                 assert ep.image is not None
                 out.append(VirtioBlkPci(image=ep.image, addr=ep.address, id=f"blk{n}",
-                                        iommu_platform=self.iommu,
+                                        iommu_platform=translated,
                                         read_only=ep.description.read_only,
                                         serial=ep.description.serial))
             else:
                 out.append(VirtioRngPci(addr=ep.address, id=f"rng{n}",
-                                        iommu_platform=self.iommu))
+                                        iommu_platform=translated))
         return out
 
 
 WIRINGS: dict[str, Wiring] = {"pv": PvWiring(), "vsmmu": VsmmuWiring(),
-                              "builtin": QemuWiring(iommu=True),
-                              "none": QemuWiring(iommu=False)}
+                              "builtin": QemuWiring("virtio-iommu"),
+                              "smmuv3": QemuWiring("smmuv3"),
+                              "none": QemuWiring(None)}
 
 
 def guest_modules(topology: Topology) -> list[str]:
-    """The modules the guest loads at boot: the IOMMU's driver, then the endpoints'."""
+    """The modules the guest loads at boot: the topology's ``load_modules``, else the
+    IOMMU's driver, then the endpoints'."""
+    if topology.load_modules is not None:
+        return list(topology.load_modules)
     wiring = WIRINGS[topology.iommu.kind]
     names = [wiring.iommu_module] if wiring.iommu_module else []
     return names + list(dict.fromkeys(MODULES[e.kind] for e in topology.endpoints))

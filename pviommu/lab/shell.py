@@ -97,6 +97,15 @@ class GuestShell:
             raise CommandFailed(result)
         return result
 
+    async def spawn(self, command: str, timeout: float = 30) -> None:
+        """Starts ``command`` in the background and returns at once; its output goes
+        to the console (watch it with :class:`~pviommu.machine.console.Console`), its
+        standard input is /dev/null. It runs until it ends, or the guest does."""
+        encoded = base64.b64encode(command.encode()).decode()
+        await self.run(f"echo {encoded} | base64 -d > /tmp/.lab-spawn.$$ && "
+                       f"(sh /tmp/.lab-spawn.$$; rm -f /tmp/.lab-spawn.$$) "
+                       ">/dev/console 2>&1 </dev/null &", timeout, check=True)
+
     async def raw(self, command: str, timeout: float = 30) -> CommandResult:
         """Runs ``command`` in the console's shell itself, not in a child ``sh -c``, so
         that it can change the shell (``cd``, variables, ``stty``). It is typed as it

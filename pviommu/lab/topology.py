@@ -21,12 +21,14 @@ from ..iommu.pv import IommuConfig, ResvRegion
 from ..machine.guest_image import ExtraFile
 from ..machine.topology import pci_addr, pci_rid
 
-IOMMU_KINDS = ("pv", "vsmmu", "builtin", "none")
+IOMMU_KINDS = ("pv", "vsmmu", "builtin", "smmuv3", "none")
 """pv: the backend's PV-IOMMU (vhost-user) and its vfio-user endpoints; vsmmu:
 QEMU's SMMUv3 and the backend's vhost-user endpoints; builtin: QEMU's own
-virtio-iommu-pci with virtio-blk-pci/virtio-rng-pci; none: no IOMMU."""
+virtio-iommu-pci with virtio-blk-pci/virtio-rng-pci; smmuv3: QEMU's SMMUv3 with
+QEMU's own devices (vsmmu's anchor); none: no IOMMU."""
 ENDPOINT_KINDS = ("blk", "rng")
-PV_ONLY = ("bypass", "bypass-config", "max-domains", "max-mappings", "reserved")
+PV_ONLY = ("bypass", "bypass-config", "max-domains", "max-mappings", "reserved",
+           "page-size-mask", "input-range", "domain-range", "probe-size", "mmio", "msi-region")
 """The iommu keys only the PV-IOMMU has (``pviommu serve``'s device options)."""
 IOMMU_DEVICE = ("pv", "builtin")
 """The IOMMU kinds that are a PCI function themselves (and so have an address)."""
@@ -70,12 +72,47 @@ class Iommu:
     max_mappings: int = _DEFAULTS.max_mappings
     reserved: tuple[tuple[int, int], ...] = ()
     address: str | None = None
+    page_size_mask: int = _DEFAULTS.page_size_mask
+    input_range: tuple[int, int] | None = None
+    """Inclusive I/O virtual address range; None: all 64 bits."""
+    domain_range: tuple[int, int] | None = None
+    """Inclusive domain ID range; None: all 32 bits."""
+    probe_size: int = _DEFAULTS.probe_size
+    mmio: bool = _DEFAULTS.mmio
+    msi_region: bool = True
+    """Report the GICv3 ITS doorbell as an MSI region in PROBE."""
 
     def config(self) -> IommuConfig:
         """The PV-IOMMU's device configuration (meaningful for kind "pv")."""
+        extra: dict[str, Any] = {}
+        if self.input_range is not None:
+            extra["input_start"], extra["input_end"] = self.input_range
+        if self.domain_range is not None:
+            extra["domain_start"], extra["domain_end"] = self.domain_range
+        if not self.msi_region:
+            extra["msi_doorbell"] = None
         return IommuConfig(bypass=self.bypass, bypass_config=self.bypass_config,
                            max_domains=self.max_domains, max_mappings=self.max_mappings,
-                           reserved=[ResvRegion(s, e) for s, e in self.reserved])
+                           reserved=[ResvRegion(s, e) for s, e in self.reserved],
+                           page_size_mask=self.page_size_mask, probe_size=self.probe_size,
+                           mmio=self.mmio, **extra)
+
+    @classmethod
+    def pv(cls, config: IommuConfig, **options: Any) -> Iommu:
+        """The PV-IOMMU presenting ``config`` (the device configuration ``pviommu
+        serve``'s options make); ``options`` are the other fields (strict, ...)."""
+        full = (_DEFAULTS.input_start, _DEFAULTS.input_end)
+        inputs = (config.input_start, config.input_end)
+        domains = (config.domain_start, config.domain_end)
+        return cls(kind="pv", bypass=config.bypass, bypass_config=config.bypass_config,
+                   max_domains=config.max_domains, max_mappings=config.max_mappings,
+                   reserved=tuple((r.start, r.end) for r in config.reserved),
+                   page_size_mask=config.page_size_mask, probe_size=config.probe_size,
+                   mmio=config.mmio, msi_region=config.msi_doorbell is not None,
+                   input_range=None if inputs == full else inputs,
+                   domain_range=None if domains == (_DEFAULTS.domain_start,
+                                                    _DEFAULTS.domain_end) else domains,
+                   **options)
 
     def kernel_args(self) -> list[str]:
         """The guest kernel arguments these options ask for."""
@@ -141,6 +178,9 @@ class Topology:
     modules: Path | None = None
     kernel_args: tuple[str, ...] = ()
     files: tuple[ExtraFile, ...] = ()
+    load_modules: tuple[str, ...] | None = None
+    """The modules the guest loads at boot, by name (with their dependencies, the
+    IOMMU's driver first); None: the IOMMU's driver and the endpoints' drivers."""
 
     def __post_init__(self) -> None:
         _check_topology(self)
@@ -218,6 +258,8 @@ class Topology:
             out["kernel-args"] = list(self.kernel_args)
         if self.files:
             out["files"] = [f"{f.src}:{f.dest}" for f in self.files]
+        if self.load_modules is not None:
+            out["load-modules"] = list(self.load_modules)
         out["iommu"] = _iommu_dict(self.iommu)
         out["endpoints"] = [_endpoint_dict(e) for e in self.endpoints]
         return out
@@ -240,6 +282,10 @@ def _iommu_dict(iommu: Iommu) -> dict[str, Any]:
             continue
         if name == "reserved":
             value = [f"{s:#x}:{e:#x}" for s, e in value]
+        elif name in ("input_range", "domain_range"):
+            value = f"{value[0]:#x}:{value[1]:#x}"
+        elif name == "page_size_mask":
+            value = f"{value:#x}"
         out[key] = value
     return out
 
@@ -261,11 +307,14 @@ def _endpoint_dict(ep: Endpoint) -> dict[str, Any]:
 
 _TOP_KEYS = {"vcpus": "vcpus", "memory": "memory", "kernel": "kernel", "modules": "modules",
              "kernel-args": "kernel_args", "files": "files", "iommu": "iommu",
-             "endpoints": "endpoints"}
+             "endpoints": "endpoints", "load-modules": "load_modules"}
 _IOMMU_KEYS = {"kind": "kind", "strict": "strict", "passthrough": "passthrough",
                "bypass": "bypass", "bypass-config": "bypass_config",
                "max-domains": "max_domains", "max-mappings": "max_mappings",
-               "reserved": "reserved", "address": "address"}
+               "reserved": "reserved", "address": "address",
+               "page-size-mask": "page_size_mask", "input-range": "input_range",
+               "domain-range": "domain_range", "probe-size": "probe_size", "mmio": "mmio",
+               "msi-region": "msi_region"}
 _ENDPOINT_KEYS = {"kind": "kind", "image": "image", "size": "size", "ro": "read_only",
                   "serial": "serial", "count": "count", "address": "address"}
 
@@ -290,6 +339,11 @@ class _Reader:
                 _typed(a, f"kernel-args[{i}]", str, "a string")
                 for i, a in enumerate(_typed(data["kernel-args"], "kernel-args", list,
                                              "a list of strings")))
+        if "load-modules" in data:
+            fields["load_modules"] = tuple(
+                _typed(m, f"load-modules[{i}]", str, "a module name")
+                for i, m in enumerate(_typed(data["load-modules"], "load-modules", list,
+                                             "a list of module names")))
         if "files" in data:
             fields["files"] = tuple(
                 self._file(f, f"files[{i}]")
@@ -310,12 +364,20 @@ class _Reader:
             if name in fields:
                 fields[name] = _typed(fields[name], f"iommu.{name}", str, "a string")
         for name, key in (("strict", "strict"), ("passthrough", "passthrough"),
-                          ("bypass", "bypass"), ("bypass_config", "bypass-config")):
+                          ("bypass", "bypass"), ("bypass_config", "bypass-config"),
+                          ("mmio", "mmio"), ("msi_region", "msi-region")):
             if name in fields:
                 fields[name] = _typed(fields[name], f"iommu.{key}", bool, "true or false")
-        for name, key in (("max_domains", "max-domains"), ("max_mappings", "max-mappings")):
+        for name, key in (("max_domains", "max-domains"), ("max_mappings", "max-mappings"),
+                          ("probe_size", "probe-size")):
             if name in fields:
                 fields[name] = _typed(fields[name], f"iommu.{key}", int, "an integer")
+        if "page_size_mask" in fields:
+            fields["page_size_mask"] = _wide_int(fields["page_size_mask"],
+                                                 "iommu.page-size-mask")
+        for name, key in (("input_range", "input-range"), ("domain_range", "domain-range")):
+            if name in fields:
+                fields[name] = _region(fields[name], f"iommu.{key}")
         if "reserved" in fields:
             regions = _typed(fields["reserved"], "iommu.reserved", list,
                              'a list of "START:END" strings')
@@ -398,6 +460,17 @@ def _size(value: Any, key: str) -> int:
     return _typed(value, key, int, 'a number of bytes or a string like "64M"')
 
 
+def _wide_int(value: Any, key: str) -> int:
+    """An integer that may not fit TOML's 64-bit signed ones: also as a string."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    text = _typed(value, key, str, 'an integer or a string such as "0xfffffffffffff000"')
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise TopologyError(key, f"{text!r} is not an integer") from None
+
+
 def _region(value: Any, key: str) -> tuple[int, int]:
     text = _typed(value, key, str, 'a "START:END" string')
     start, sep, end = text.partition(":")
@@ -439,6 +512,10 @@ def _check_topology(t: Topology) -> None:
     for i, a in enumerate(t.kernel_args):
         if not a.strip():
             raise TopologyError(f"kernel-args[{i}]", "empty argument")
+    for i, m in enumerate(t.load_modules or ()):
+        if not m or "/" in m or m.endswith(".ko"):
+            raise TopologyError(f"load-modules[{i}]", f"{m!r} is not a module name "
+                                '(e.g. "virtio_iommu": no path, no .ko)')
     _check_iommu(t.iommu)
     addrs: dict[str, str] = {}
     if t.iommu_address:
@@ -495,7 +572,14 @@ def _check_iommu(iommu: Iommu) -> None:
     try:
         iommu.config()
     except ValueError as e:
-        raise TopologyError("iommu.reserved", str(e)) from None
+        key = next((f"iommu.{k}" for k, word in _CONFIG_WORDS.items() if word in str(e)),
+                   "iommu")
+        raise TopologyError(key, str(e)) from None
+
+
+_CONFIG_WORDS = {"reserved": "reserved region", "page-size-mask": "page_size_mask",
+                 "input-range": "input", "domain-range": "domain", "probe-size": "probe"}
+"""Which key an IommuConfig error is about, by a word of its message."""
 
 
 def _check_endpoint(ep: Endpoint, where: str) -> None:

@@ -50,7 +50,7 @@ def test_addresses_skip_the_given_ones_and_count_expands():
 
 @pytest.mark.parametrize("kind,iommu_addr,first", [
     ("pv", "1.0", "2.0"), ("builtin", "1.0", "2.0"), ("vsmmu", None, "2.0"),
-    ("none", None, "2.0")])
+    ("smmuv3", None, "2.0"), ("none", None, "2.0")])
 def test_iommu_address_per_kind(kind, iommu_addr, first):
     t = Topology(iommu=Iommu(kind=kind))
     assert t.iommu_address == iommu_addr
@@ -143,6 +143,11 @@ BAD = [
      ["DEV 1 to 1f"]),
     ({"endpoints": [{"kind": "rng", "count": 30}, {"kind": "rng"}]}, "endpoints",
      ["slots"]),
+    ({"load-modules": "virtio_iommu"}, "load-modules", ["list of module names"]),
+    ({"load-modules": ["virtio_iommu.ko"]}, "load-modules[0]", ["not a module name"]),
+    ({"load-modules": [3]}, "load-modules[0]", ["module name"]),
+    ({"iommu": {"kind": "smmuv3", "max-domains": 3}}, "iommu.max-domains",
+     ["only the PV-IOMMU"]),
 ]
 
 
@@ -187,6 +192,10 @@ def test_sizes_take_units_and_integers():
              kernel=Path("/k/Image"), modules=Path("/k/lib/modules/6.1"),
              kernel_args=("quiet", "dyndbg=+p"),
              files=(ExtraFile(Path("/bin/tool"), "/usr/bin/tool"),)),
+    Topology(iommu=Iommu(kind="smmuv3", strict=True), load_modules=()),
+    Topology(load_modules=("virtio_iommu", "virtio_blk")),
+    Topology(iommu=Iommu(page_size_mask=0xFFFFFFFFFFFF0000, input_range=(0x1000, 0xFFFFFFFF),
+                         domain_range=(1, 100), probe_size=1024, mmio=True, msi_region=False)),
 ])
 def test_round_trip(t):
     assert Topology.from_dict(t.to_dict()) == t
@@ -234,3 +243,29 @@ def test_example_vsmmu():
     assert [(p.address, p.endpoint.kind) for p in t.placed()] == [("4.0", "blk"), ("2.0", "rng")]
     assert t.endpoints[0].read_only and (t.vcpus, t.memory) == (4, 2 << 30)
     assert Topology.from_dict(t.to_dict()) == t
+
+
+def test_guest_modules_follow_the_iommu_and_the_endpoints_unless_given():
+    from pviommu.lab.machine import guest_modules
+    assert guest_modules(Topology()) == ["virtio_iommu", "virtio_blk", "virtio-rng"]
+    assert guest_modules(Topology(iommu=Iommu(kind="vsmmu"))) == ["virtio_blk", "virtio-rng"]
+    assert guest_modules(Topology(iommu=Iommu(kind="smmuv3"), endpoints=(Endpoint("rng"),))
+                         ) == ["virtio-rng"]
+    assert guest_modules(Topology(load_modules=("virtio_iommu",))) == ["virtio_iommu"]
+
+
+def test_pv_iommu_from_a_device_config_round_trips():
+    from pviommu.iommu.pv import IommuConfig, ResvRegion
+    config = IommuConfig(bypass=True, page_size_mask=0xFFFFFFFFFFFF0000, input_start=0x1000,
+                         input_end=0xFFFFF, domain_end=9, probe_size=1024, mmio=True,
+                         msi_doorbell=None, reserved=[ResvRegion(0x10000, 0x1FFFF)])
+    iommu = Iommu.pv(config, strict=False)
+    assert iommu.strict is False and iommu.config() == config
+    assert Iommu.pv(IommuConfig()) == Iommu()
+
+
+def test_wide_integers_may_be_strings_in_toml():
+    t = Topology.from_dict({"iommu": {"page-size-mask": "0xffffffffffff0000"}})
+    assert t.iommu.page_size_mask == 0xFFFFFFFFFFFF0000
+    with pytest.raises(TopologyError, match="iommu.page-size-mask"):
+        Topology.from_dict({"iommu": {"page-size-mask": "lots"}})
