@@ -112,9 +112,10 @@ def _check_request(request: dict[str, Any]) -> str:
                 raise QmpError("GenericError", "QMP input member 'arguments' must be an object")
         elif key != "id":
             raise QmpError("GenericError", f"QMP input member '{key}' is unexpected")
-    if "execute" not in request:
+    execute = request.get("execute")
+    if not isinstance(execute, str):  # absent: a present non-string was refused above
         raise QmpError("GenericError", "QMP input lacks member 'execute'")
-    return request["execute"]
+    return execute
 
 
 class QmpServer:

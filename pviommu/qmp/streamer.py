@@ -45,6 +45,13 @@ _COLON, _COMMA = b":,"
 _CLOSER = {_CLOSE_OBJ: _OPEN_OBJ, _CLOSE_ARR: _OPEN_ARR}
 
 
+def _run_end(pattern: re.Pattern[bytes], buf: bytearray, pos: int) -> int:
+    """Where the run of ``pattern`` starting at ``pos`` ends (_PLAIN, _STRING, _SPACE)."""
+    match = pattern.match(buf, pos)
+    assert match is not None  # these patterns match the empty string, so never fail
+    return match.end()
+
+
 @dataclass(frozen=True)
 class Value:
     """A complete JSON value, still undecoded."""
@@ -117,7 +124,7 @@ class JsonStreamer:
         """Scans on; False once the input runs out (or the stream is closed)."""
         buf = self._buf
         if self._in_string:
-            pos = _STRING.match(buf, self._pos).end()
+            pos = _run_end(_STRING, buf, self._pos)
             if pos == len(buf):
                 self._pos = pos
                 return False
@@ -139,7 +146,7 @@ class JsonStreamer:
             return self._emit(items, match.start())
         if not self._stack:
             return self._start(items)
-        pos = _PLAIN.match(buf, self._pos).end()
+        pos = _run_end(_PLAIN, buf, self._pos)
         if pos == len(buf):
             self._pos = pos
             return False
@@ -165,7 +172,7 @@ class JsonStreamer:
     def _start(self, items: list[Item]) -> bool:
         """At the top level: drop whitespace, then begin a value."""
         buf = self._buf
-        del buf[:_SPACE.match(buf).end()]
+        del buf[:_run_end(_SPACE, buf, 0)]
         self._pos = 0
         if not buf:
             return False

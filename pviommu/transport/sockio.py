@@ -20,8 +20,13 @@ async def wait_readable(sock: socket.socket) -> None:
     """Returns once ``sock`` has something to read (data, EOF or an error)."""
     loop = asyncio.get_running_loop()
     fd = sock.fileno()
-    fut = loop.create_future()
-    loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_reader(fd, wake)
     try:
         await fut
     finally:

@@ -69,9 +69,10 @@ class UnixServer:
                 await asyncio.sleep(0.1)
                 continue
             conn.setblocking(False)
-            if self.busy and self._client_gone():
+            served = self._served
+            if served is not None and not served.done() and self._client_gone():
                 # The previous client hung up; let its clean-up finish first.
-                await asyncio.wait({self._served}, timeout=_HANDOVER_TIMEOUT)  # type: ignore[arg-type]
+                await asyncio.wait({served}, timeout=_HANDOVER_TIMEOUT)
             if self.busy:
                 log.warning("%s: %s already has a client; refusing another", self.name, self.path)
                 conn.close()

@@ -243,7 +243,8 @@ class VhostUserConnection:
 
     def _u64(self, msg: p.Message) -> int:
         self._no_fds(msg)
-        return p.U64.unpack(self._payload(msg, 8))[0]
+        value: int = p.U64.unpack(self._payload(msg, 8))[0]
+        return value
 
     def _ring(self, index: int) -> Vring:
         if not 0 <= index < len(self.rings):
@@ -378,7 +379,7 @@ class VhostUserConnection:
             os.close(ring.kick)
         ring.kick = fd
         os.set_blocking(fd, False)
-        self._loop.add_reader(fd, self._on_kick, ring)
+        self._loop.add_reader(fd, self._on_kick, ring, fd)
 
     def _interrupt_fd(self, msg: p.Message) -> tuple[Vring, int | None]:
         ring, fd = self._vring_fd(msg)
@@ -477,9 +478,10 @@ class VhostUserConnection:
 
     # -- rings ---------------------------------------------------------------------
 
-    def _on_kick(self, ring: Vring) -> None:
+    def _on_kick(self, ring: Vring, kick: int) -> None:
+        # ``kick`` is ring.kick: its reader is removed before ring.kick changes.
         try:
-            os.read(ring.kick, 8)  # type: ignore[arg-type]
+            os.read(kick, 8)
         except BlockingIOError:
             return
         except OSError as e:

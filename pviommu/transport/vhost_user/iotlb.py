@@ -263,8 +263,10 @@ class DeviceIotlb:
             result = "unavailable"
             raise
         finally:
-            events.publish(IotlbMissDone(self.endpoint, miss.iova, Access(miss.access).name,
-                                         result, start, time.monotonic_ns()))
+            # A flag's name is None only for 0, which _access refuses.
+            access = Access(miss.access).name or "NONE"
+            events.publish(IotlbMissDone(self.endpoint, miss.iova, access, result, start,
+                                         time.monotonic_ns()))
 
     async def _round_trip(self, miss: _Miss, channel: BackendChannel) -> None:
         self.stats["iotlb_miss"] += 1
