@@ -93,9 +93,8 @@ async def store(pieces: list[Piece], data: bytes | bytearray | memoryview) -> No
 
 def local_views(pieces: list[Piece]) -> list[memoryview] | None:
     """The pieces as views if every one is local (zero-copy I/O), else None."""
-    if any(isinstance(p, RemoteRange) for p in pieces):
-        return None
-    return pieces  # type: ignore[return-value]
+    views = [p for p in pieces if not isinstance(p, RemoteRange)]
+    return views if len(views) == len(pieces) else None
 
 
 class PhysicalDma:

@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .devices.blk import SECTOR, VirtioBlk
 from .devices.rng import VirtioRng
@@ -30,7 +30,6 @@ from .memory import GuestMemory
 from .transport.vfio_user.server import DEFAULT_MAX_DMA_MAPS, VfioUserServer
 from .transport.vhost_user.backend import VhostUserConnection, VhostUserServer
 from .transport.vhost_user.iotlb import DeviceIotlb, IotlbError, IotlbMissRefused
-from .virtio.device import VirtioDevice
 from .virtio.pci import VirtioPciFunction
 
 KINDS = ("blk", "rng")
@@ -174,7 +173,7 @@ def create_image(spec: EndpointSpec) -> bool:
     return True
 
 
-def make_device(spec: EndpointSpec) -> VirtioDevice:
+def make_device(spec: EndpointSpec) -> VirtioBlk | VirtioRng:
     """The virtio device model of ``spec``."""
     if spec.kind == "blk":
         assert spec.image is not None
@@ -182,13 +181,32 @@ def make_device(spec: EndpointSpec) -> VirtioDevice:
     return VirtioRng()
 
 
+class _Server(Protocol):
+    """What an endpoint needs of its server, vfio-user or vhost-user."""
+
+    stats: Counter[str]
+
+    @property
+    def connections(self) -> int:
+        """How many clients have connected so far."""
+        ...
+
+    async def start(self) -> None:
+        """Starts listening on the socket."""
+        ...
+
+    async def close(self) -> None:
+        """Stops serving."""
+        ...
+
+
 class _ServedDevice:
     """A device model served on its own socket (``server``: a vfio-user or vhost-user
     server); what both kinds of endpoint share."""
 
     spec: EndpointSpec
-    device: VirtioDevice
-    server: VfioUserServer | VhostUserServer
+    device: VirtioBlk | VirtioRng
+    server: _Server
 
     async def start(self) -> None:
         """Listens on the endpoint's socket."""
@@ -209,12 +227,14 @@ class _ServedDevice:
                 "connections": self.server.connections,
                 "status": self.device.status,
                 "needs-reset": self.device.needs_reset,
-                "stats": dict(self.device.stats),  # type: ignore[attr-defined]
+                "stats": dict(self.device.stats),
                 "transport-stats": dict(self.server.stats)}
 
 
 class Endpoint(_ServedDevice):
     """A running endpoint: device, PCI function, DMA-map table, vfio-user server."""
+
+    server: VfioUserServer
 
     def __init__(self, spec: EndpointSpec,
                  dma_factory: Callable[[int, GuestMemory], DmaSpace], *,
@@ -263,6 +283,8 @@ class IotlbStage1:
 class VsmmuEndpoint(_ServedDevice):
     """A running vSMMU endpoint: the device model served over vhost-user; each
     connection's rings and buffers go through the nested translation of ``vsmmu``."""
+
+    server: VhostUserServer
 
     def __init__(self, spec: EndpointSpec, vsmmu: Vsmmu, *,
                  socket_group: int | None = None, allow_unsealed_memory: bool = False,

@@ -63,7 +63,7 @@ class RemoteRange:
             raise RemoteMemoryError(self.gpa, self.length)
         return await self.memory.remote.read(self.gpa, self.length)
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
         """Stores ``data`` (exactly ``length`` bytes) through the frontend."""
         if self.memory.remote is None:
             raise RemoteMemoryError(self.gpa, self.length)

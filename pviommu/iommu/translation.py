@@ -41,7 +41,10 @@ class Translator(Protocol):
     invalidation, a revocation, a reset); adding translations need not change it.
     """
 
-    generation: int
+    @property
+    def generation(self) -> int:
+        """The epoch of cached views (read only: the mode alone moves it)."""
+        ...
 
     def translate(self, endpoint: int, iova: int, length: int, access: Access
                   ) -> list[tuple[int, int]]:

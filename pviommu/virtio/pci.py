@@ -342,7 +342,7 @@ class VirtioPciFunction:
             raise ValueError(f"an MSI-X eventfd is unusable: {e}") from e
         old = set(self._vectors)
         self._vectors[start:start + len(fds)] = fds
-        _close(old - set(self._vectors) - {None})
+        _close(fd for fd in old - set(self._vectors) if fd is not None)
 
     def disable_irqs(self, index: int) -> None:
         """Closes every eventfd of ``index`` (only MSI-X has any)."""

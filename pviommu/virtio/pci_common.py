@@ -218,14 +218,14 @@ class CommonConfig:
                 return self.queue_select
             case Reg.Q_MSIX:
                 return q.vector if q else NO_VECTOR
-            case Reg.Q_SIZE | Reg.Q_ENABLE | Reg.Q_NOTIFY_OFF if q is None:
-                return 0
-            case Reg.Q_SIZE:
+            case Reg.Q_SIZE if q is not None:
                 return q.size
-            case Reg.Q_ENABLE:
+            case Reg.Q_ENABLE if q is not None:
                 return int(q.enabled)
-            case Reg.Q_NOTIFY_OFF:
+            case Reg.Q_NOTIFY_OFF if q is not None:
                 return self.queue_select
+            case Reg.Q_SIZE | Reg.Q_ENABLE | Reg.Q_NOTIFY_OFF:  # no such queue
+                return 0
             case _ if reg in _ADDRESS:
                 value = getattr(q, _ADDRESS[reg]) if q else 0
                 return value >> 32 if reg & 4 else value & _MASK32
@@ -258,15 +258,15 @@ class CommonConfig:
                 self._write_status(value)
             case Reg.Q_SELECT:
                 self.queue_select = value
-            case Reg.Q_SIZE | Reg.Q_MSIX | Reg.Q_ENABLE if q is None:
+            case Reg.Q_MSIX if q is not None:
+                q.vector = self._vector(value)
+            case Reg.Q_ENABLE if q is not None:
+                self._write_enable(q, value)
+            case Reg.Q_SIZE if q is not None:
+                self._write_size(q, value)
+            case Reg.Q_SIZE | Reg.Q_MSIX | Reg.Q_ENABLE:
                 log.warning("virtio-pci: %s write to nonexistent queue %d ignored",
                             reg.name, self.queue_select)
-            case Reg.Q_MSIX:
-                q.vector = self._vector(value)
-            case Reg.Q_ENABLE:
-                self._write_enable(q, value)
-            case Reg.Q_SIZE:
-                self._write_size(q, value)
             case _ if reg in _ADDRESS:
                 self._write_address(q, reg, value)
             case _:

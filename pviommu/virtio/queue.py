@@ -84,7 +84,7 @@ def gather(dma: DmaSpace, segs: list[tuple[int, int]], offset: int = 0,
     return b"".join(dma.read(a, n) for a, n in segments(segs, offset, length))
 
 
-def scatter(dma: DmaSpace, segs: list[tuple[int, int]], data: bytes | memoryview,
+def scatter(dma: DmaSpace, segs: list[tuple[int, int]], data: bytes | bytearray | memoryview,
             offset: int = 0) -> None:
     """Writes ``data`` starting ``offset`` bytes into ``segs``; it must fit."""
     total = sum(n for _, n in segs)
@@ -167,13 +167,15 @@ class SplitQueue:
     def _avail_u16(self, offset: int) -> int:
         rings = self._views()
         if rings is not None:
-            return _U16.unpack_from(rings[1], offset)[0]
+            value: int = _U16.unpack_from(rings[1], offset)[0]
+            return value
         return int.from_bytes(self.dma.read(self.avail + offset, 2), "little")
 
     def _used_u16(self, offset: int) -> int:
         rings = self._views()
         if rings is not None:
-            return _U16.unpack_from(rings[2], offset)[0]
+            value: int = _U16.unpack_from(rings[2], offset)[0]
+            return value
         return int.from_bytes(self.dma.read(self.used + offset, 2), "little")
 
     def _put_used(self, offset: int, data: bytes) -> None:

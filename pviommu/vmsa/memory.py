@@ -57,7 +57,8 @@ class BufferMemory:
         off = pa - self.base
         if off < 0 or off > self._last or off & 7:
             raise TableAccessError(f"descriptor address {pa:#x} is outside the table memory")
-        return _U64.unpack_from(self.buffer, off)[0]
+        value: int = _U64.unpack_from(self.buffer, off)[0]
+        return value
 
     def write_u64(self, pa: int, value: int) -> None:
         off = pa - self.base
