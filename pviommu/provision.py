@@ -60,7 +60,8 @@ def qemu_version(qemu: Path) -> tuple[int, int, int]:
     m = re.search(r"version (\d+)\.(\d+)\.(\d+)", out)
     if not m:
         raise ProvisionError(f"cannot read the version of {qemu}: {out.strip()!r}")
-    return tuple(int(x) for x in m.groups())  # type: ignore[return-value]
+    major, minor, micro = (int(x) for x in m.groups())
+    return major, minor, micro
 
 
 def qemu_problems(qemu: Path) -> list[str]:

@@ -9,11 +9,14 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import pexpect
 
 MARKER = re.compile(r"@@PVIOMMU (\w+)((?: \w+=\S*)*)")
 _KV = re.compile(r"(\w+)=(\S*)")
+
+_T = TypeVar("_T")
 
 
 class GuestTimeout(Exception):
@@ -104,7 +107,7 @@ class Console:
         """The first marker called ``name`` seen so far."""
         return next((m for m in self.markers if m.name == name), None)
 
-    async def wait_until(self, ready: Callable[[], object], what: str, timeout: float) -> object:
+    async def wait_until(self, ready: Callable[[], _T | None], what: str, timeout: float) -> _T:
         """Waits until ``ready()`` returns something true and returns it.
 
         Raises GuestTimeout after ``timeout`` seconds, GuestFailed when the

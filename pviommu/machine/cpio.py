@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import stat
-from typing import BinaryIO
+from typing import Protocol
 
 _MAGIC = b"070701"
 _TRAILER = "TRAILER!!!"
+
+
+class BinarySink(Protocol):
+    """Where an archive goes: a binary file, a gzip stream, a BytesIO."""
+
+    def write(self, data: bytes, /) -> object:
+        """Writes ``data`` whole."""
+        ...
 
 
 def _pad4(n: int) -> bytes:
@@ -22,7 +30,7 @@ class CpioWriter:
     earlier one, which hides mistakes.
     """
 
-    def __init__(self, out: BinaryIO) -> None:
+    def __init__(self, out: BinarySink) -> None:
         self._out = out
         self._ino = 1
         self._closed = False

@@ -22,7 +22,8 @@ def _max_phandle(fdt: libfdt.Fdt) -> int:
     node = 0
     depth = 0
     while True:
-        best = max(best, fdt.get_phandle(node))
+        phandle: int = fdt.get_phandle(node)
+        best = max(best, phandle)
         node, depth = fdt.next_node(node, depth, (libfdt.NOTFOUND,))
         if node < 0:
             return best

@@ -64,7 +64,9 @@ def _floor_of(result: dict[str, Any], row: dict[str, Any]) -> float | None:
     kind = FLOOR_OF[row["placement"]]
     if kind not in floor:
         return None
-    return floor[kind]["median_us"] * row.get("trips", 1)
+    median_us: float = floor[kind]["median_us"]
+    trips: int = row.get("trips", 1)
+    return median_us * trips
 
 
 def markdown(result: dict[str, Any]) -> str:

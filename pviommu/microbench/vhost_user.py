@@ -103,7 +103,8 @@ class VhostUserClient:
     def call(self, request: int, payload: bytes = b"") -> int:
         """A request that always has a u64 reply; returns it."""
         self.send(request, payload)
-        return p.U64.unpack(self.reply(request))[0]
+        value: int = p.U64.unpack(self.reply(request))[0]
+        return value
 
     def ack(self, request: int, payload: bytes = b"", fds: list[int] | tuple[int, ...] = ()
             ) -> None:
