@@ -14,14 +14,14 @@ retries; nothing was changed by the access that missed.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, TypeGuard
 
 from .iommu.faults import Access, DmaFault
 from .iommu.translation import TranslationMiss
 from .memory import GuestMemory, MemoryAccessError, Piece, RemoteRange
 
 __all__ = ["DMA_ERRORS", "Access", "DmaFault", "DmaSpace", "PhysicalDma", "TranslationMiss",
-           "fill", "load", "local_views", "piece_len", "store"]
+           "ViewableDma", "fill", "load", "local_views", "piece_len", "store", "viewable"]
 
 DMA_ERRORS = (DmaFault, MemoryAccessError)
 
@@ -46,11 +46,27 @@ class DmaSpace(Protocol):
         ...
 
     # Optional, for caching views of long-lived buffers (virtqueue rings):
-    # ``generation`` (changes whenever a translation given out may have gone)
-    # and ``try_view(addr, length, access) -> memoryview | None`` (no fault
-    # is reported, nothing missed). See SplitQueue.
+    # ``generation`` and ``try_view``, see ViewableDma.
     # Optional, for spaces whose accesses may raise TranslationMiss:
     # ``async fill(miss)``. See :func:`fill`.
+
+
+class ViewableDma(DmaSpace, Protocol):
+    """A DMA space that lends views of long-lived buffers (virtqueue rings) to cache."""
+
+    @property
+    def generation(self) -> object:
+        """Changes whenever a translation or view given out before may have gone."""
+        ...
+
+    def try_view(self, addr: int, length: int, access: Access) -> memoryview | None:
+        """One local view of the range, or None; no fault is reported, nothing missed."""
+        ...
+
+
+def viewable(dma: DmaSpace) -> TypeGuard[ViewableDma]:
+    """Whether ``dma`` lends views to cache (see SplitQueue)."""
+    return hasattr(dma, "try_view")
 
 
 async def fill(dma: DmaSpace, miss: TranslationMiss) -> None:

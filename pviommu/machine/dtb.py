@@ -66,4 +66,6 @@ def iommu_map(dtb: bytes, pcie_node: str = PCIE_NODE) -> list[tuple[int, int, in
     fdt = libfdt.Fdt(bytes(dtb))
     raw = bytes(fdt.getprop(fdt.path_offset(pcie_node), "iommu-map"))
     words = [int.from_bytes(raw[i:i + 4], "big") for i in range(0, len(raw), 4)]
+    # A well-formed map has 4 cells an entry; a truncated one keeps its short last tuple
+    # (mypy cannot see the length of a slice, hence the ignore).
     return [tuple(words[i:i + 4]) for i in range(0, len(words), 4)]  # type: ignore[misc]

@@ -20,7 +20,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from ..dma import Access, DmaSpace, TranslationMiss
+from ..dma import Access, DmaSpace, TranslationMiss, viewable
 
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
@@ -154,7 +154,10 @@ class SplitQueue:
         if self._rings is not None and key == self._rings_generation:
             return self._rings
         self._rings = None
-        try_view = self.dma.try_view  # type: ignore[attr-defined]
+        dma = self.dma
+        if not viewable(dma):
+            return None
+        try_view = dma.try_view
         desc = try_view(self.desc, 16 * self.size, Access.READ)
         avail = try_view(self.avail, 6 + 2 * self.size, Access.READ)
         used = try_view(self.used, 6 + 8 * self.size, Access.READ | Access.WRITE)
