@@ -8,18 +8,8 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 
-mark() { echo "@@PVIOMMU $*"; }
+. /lib/pviommu/scenario.sh
 fail() { mark FAIL "reason=$*"; mark DONE rc=1; poweroff -f; }
-
-# wait_for PATH SECONDS: polls for a file to appear.
-wait_for() {
-    n=0
-    while [ ! -e "$1" ]; do
-        n=$((n + 1))
-        [ "$n" -gt $(($2 * 10)) ] && return 1
-        sleep 0.1
-    done
-}
 
 mark BOOTED uptime="$(cut -d' ' -f1 /proc/uptime)"
 [ -f /etc/pviommu.env ] && . /etc/pviommu.env

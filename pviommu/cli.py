@@ -109,10 +109,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         # A revocation needs a DMA domain: identity domains have nothing to revoke.
         options = pv.PvOptions(iommu=iommu_config(args), passthrough=args.passthrough,
                                revoke=not args.passthrough)
-        scenario = pv.run(qemu, assets, workdir, options)
+        scenario = pv.run(qemu, assets, workdir, options, trace=args.trace)
     elif args.mode == "vsmmu":
-        scenario = vsmmu.run(qemu, assets, workdir)
+        scenario = vsmmu.run(qemu, assets, workdir, trace=args.trace)
     else:
+        if args.trace is not None:
+            print("pviommu: --trace: the builtin mode has no backend to trace", file=sys.stderr)
+            return 2
         scenario = dma.run(qemu, assets, workdir, mode=args.mode)
     try:
         report = asyncio.run(scenario)
@@ -461,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--workdir", type=Path, help="where the image and logs go (created if needed; "
                         "default: CACHE/runs/demo, replaced each run)")
+    p.add_argument("--trace", type=Path, metavar="FILE",
+                   help="pv and vsmmu modes: write the backend's IOMMU traffic to FILE as a "
+                        "Trace Event Format timeline (docs/TRACING.md)")
     _add_guest_options(p)
     _add_iommu_options(p)
     p.set_defaults(func=cmd_demo)

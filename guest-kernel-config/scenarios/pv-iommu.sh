@@ -5,7 +5,7 @@
 #   RNG_BYTES    bytes to read from /dev/hwrng (0: none)
 #   FAULT_WAIT   seconds to wait for the host's injected fault (0: do not wait)
 #   REVOKE_WAIT  seconds of disk reads while the host revokes a mapping (0: none)
-#   HOLD_WAIT    seconds to wait at READY for the host's go-ahead, a newline (0: none)
+#   HOLD_WAIT    seconds to wait at READY for the host's go-ahead, /tmp/pviommu-go (0: none)
 # Reports the virtio-iommu device and its driver, each endpoint's IOMMU group,
 # type and reserved regions, the DMA checks, then READY (and, with HOLD_WAIT, waits
 # for the host's go-ahead); then the fault steps.
@@ -46,10 +46,10 @@ if [ "${RNG_BYTES:-0}" -gt 0 ]; then
 fi
 
 mark READY
-# Hold on until the host has read the IOMMU state it reports (it types a newline):
-# a guest that ran on would power off and reset the PV-IOMMU under that query.
+# Hold on until the host has read the IOMMU state it reports (it creates
+# /tmp/pviommu-go): the fault steps would change that state under the query.
 if [ "${HOLD_WAIT:-0}" -gt 0 ]; then
-    read -r -t "$HOLD_WAIT" _ || fail no-go-ahead-from-host
+    wait_for /tmp/pviommu-go "$HOLD_WAIT" || fail no-go-ahead-from-host
 fi
 if [ "${FAULT_WAIT:-0}" -gt 0 ]; then
     n=0

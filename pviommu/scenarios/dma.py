@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..lab import Endpoint, Iommu, Lab, Topology
+from ..lab.state import query
 from ..machine.console import Console, GuestFailed
-from ..machine.guest_image import build_initramfs
 from ..machine.guestlog import guest_faults
-from ..machine.qemu import QemuMachine
-from ..machine.topology import Topology, VirtioBlkPci, VirtioIommuPci
 from ..provision import GuestAssets
+from .runner import ScenarioRun, scenario_files
 
 MODES = ("builtin",)
 MiB = 1 << 20
@@ -93,16 +93,14 @@ def blk_checks(console: Console, image: Path, plan: DmaPlan, host_read_sha: str
     }
 
 
-def _topology(mode: str, assets: GuestAssets, initrd: Path, image: Path) -> Topology:
-    if mode != "builtin":
-        raise ValueError(f"unknown mode {mode!r} (known: {', '.join(MODES)})")
-    return Topology(kernel=assets.kernel, initrd=initrd,
-                    devices=[VirtioIommuPci(addr="1.0"), VirtioBlkPci(image=image, addr="2.0")])
-
-
 async def run(qemu: Path, assets: GuestAssets, workdir: Path, *, mode: str = "builtin",
-              plan: DmaPlan | None = None, timeouts: Timeouts | None = None) -> dict[str, Any]:
-    """Runs the scenario once and returns the report (see README: demo --json)."""
+              plan: DmaPlan | None = None, timeouts: Timeouts | None = None,
+              trace: Path | None = None) -> dict[str, Any]:
+    """Runs the scenario once in a lab and returns the report (see README: demo --json).
+    ``trace`` is accepted for symmetry with the backend's modes: QEMU's own devices
+    leave no backend trace."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r} (known: {', '.join(MODES)})")
     plan = plan or DmaPlan()
     timeouts = timeouts or Timeouts()
     t0 = time.monotonic()
@@ -110,37 +108,34 @@ async def run(qemu: Path, assets: GuestAssets, workdir: Path, *, mode: str = "bu
 
     image = workdir / "disk.img"
     host_read_sha = make_image(image, plan)
-
-    initrd = workdir / "initramfs.cpio.gz"
-    modules = build_initramfs(
-        initrd, busybox=assets.busybox, modules_dir=assets.modules,
-        modules=["virtio_iommu", "virtio_blk"], scenario="anchor-dma",
-        env={"DISK": "vda", "READ_BYTES": plan.read_bytes,
-             "WRITE_OFFSET": plan.write_offset, "WRITE_BYTES": plan.write_bytes})
-
-    topology = _topology(mode, assets, initrd, image)
+    env = {"DISK": "vda", "READ_BYTES": plan.read_bytes,
+           "WRITE_OFFSET": plan.write_offset, "WRITE_BYTES": plan.write_bytes}
+    topology = Topology(iommu=Iommu(kind=mode),
+                        endpoints=(Endpoint("blk", image=image, address="2.0"),),
+                        files=scenario_files("anchor-dma", env, workdir))
     report: dict[str, Any] = {"mode": mode}
-    vm = QemuMachine(qemu, topology, workdir, log_file=workdir / "console.log")
-    async with vm:
-        assert vm.console is not None
-        booted = await vm.console.wait_marker("BOOTED", timeouts.boot)
-        status = await vm.execute("query-status")
-        pci = await vm.execute("query-pci")
-        done = await vm.console.wait_marker("DONE", timeouts.scenario)
-        exit_status = await vm.wait_exit(timeouts.shutdown)
-        console = vm.console
+    lab = Lab(topology, workdir=workdir, qemu=qemu, assets=assets, boot_timeout=timeouts.boot)
+    async with lab:
+        scenario = ScenarioRun(lab, "anchor-dma")
+        await scenario.start()
+        status = await query(lab.qemu_qmp, "query-status")
+        pci = await query(lab.qemu_qmp, "query-pci")
+        done = await scenario.step("DONE", timeouts.scenario)
+        kernel_log = await lab.kernel_log()
+        exit_status = await lab.poweroff(timeouts.shutdown)
+        console = lab.console
 
-    if (failed := console.find("FAIL")) is not None:
-        raise GuestFailed(f"guest scenario failed: {failed.fields.get('reason', '?')}")
+    if (failed := scenario.failed()) is not None:
+        raise GuestFailed(f"guest scenario failed: {failed}")
     report["dma"] = blk_checks(console, image, plan, host_read_sha)
     group = console.find("IOMMU_GROUP")
-    report["faults"] = guest_faults(console.lines)
+    report["faults"] = guest_faults(kernel_log)
     report["guest"] = {
         "scenario_rc": int(done.fields.get("rc", "-1")),
         "iommu_group": None if group is None or group.fields.get("group") == "none"
         else group.fields.get("group"),
         "disk_pci": group.fields.get("pci") if group else None,
-        "modules": [m.name for m in modules],
+        "modules": lab.modules,
         "kernel": str(assets.kernel),
     }
     report["qemu"] = {
@@ -154,9 +149,6 @@ async def run(qemu: Path, assets: GuestAssets, workdir: Path, *, mode: str = "bu
         ],
         "exit_status": exit_status,
     }
-    report["timings"] = {
-        "boot_s": round(booted.time - vm.started_at, 3),
-        "total_s": round(time.monotonic() - t0, 3),
-    }
-    report["logs"] = {"console": str(workdir / "console.log")}
+    report["timings"] = {"boot_s": lab.boot_seconds, "total_s": round(time.monotonic() - t0, 3)}
+    report["logs"] = {"console": str(lab.console_log)}
     return report

@@ -20,16 +20,18 @@ from typing import Any
 
 from qemu.qmp import EventListener, QMPClient
 
-from ..backend import EVENT_NEEDS_RESET, EVENT_REVOKED, Backend, BackendConfig
+from ..backend import EVENT_REVOKED
 from ..endpoints import EndpointSpec
 from ..iommu.pv import IommuConfig
+from ..lab import Endpoint, Iommu, Lab
+from ..lab import Topology as LabTopology
 from ..lab.faults import pv_faults
-from ..lab.state import pv_state
+from ..lab.state import pv_state, query
 from ..machine.console import Console, GuestFailed, Marker
 from ..machine.dtb import add_pci_iommu
 from ..machine.guest_image import build_initramfs
 from ..machine.guestlog import guest_io_errors
-from ..machine.qemu import QemuMachine, dump_dtb
+from ..machine.qemu import dump_dtb
 from ..machine.topology import (
     Device,
     Topology,
@@ -41,6 +43,7 @@ from ..machine.topology import (
 )
 from ..provision import GuestAssets
 from .dma import DmaPlan, blk_checks, make_image
+from .runner import ScenarioRun, scenario_files
 
 IOMMU_ADDR = "1.0"
 BLK_ADDR = "2.0"
@@ -90,22 +93,17 @@ class PvOptions:
             raise ValueError("rng_bytes must be a multiple of 64")
 
 
-def pv_initramfs(out: Path, assets: GuestAssets, endpoints: list[str], opts: PvOptions,
-                 hold: bool = False) -> list[Any]:
-    """The guest image of the pv-iommu scenario; returns the modules it loads. With
-    ``hold`` the guest waits at READY until the host types a newline on its console."""
+def pv_initramfs(out: Path, assets: GuestAssets, endpoints: list[str], opts: PvOptions
+                 ) -> list[Any]:
+    """An initramfs whose own init runs the pv-iommu scenario and powers off (for a
+    QEMU started without a lab, e.g. against a ``pviommu serve`` of one's own);
+    returns the modules it loads."""
     modules = ["virtio_iommu"]
-    env: dict[str, Any] = {"ENDPOINTS": " ".join(endpoints),
-                           "FAULT_WAIT": int(opts.step_timeout) if opts.fault else 0,
-                           "REVOKE_WAIT": int(opts.step_timeout) if opts.revoke else 0,
-                           "RNG_BYTES": opts.rng_bytes,
-                           "HOLD_WAIT": int(opts.step_timeout) if hold else 0}
     if opts.blk is not None:
         modules.append("virtio_blk")
-        env.update({"DISK": "vda", "READ_BYTES": opts.blk.read_bytes,
-                    "WRITE_OFFSET": opts.blk.write_offset, "WRITE_BYTES": opts.blk.write_bytes})
     if opts.rng_bytes:
         modules.append("virtio-rng")
+    env = _scenario_env(endpoints, opts) | {"HOLD_WAIT": 0}
     return build_initramfs(out, busybox=assets.busybox, modules_dir=assets.modules,
                            modules=modules, scenario="pv-iommu", env=env)
 
@@ -171,66 +169,58 @@ async def wait_step(console: Console, resets: EventListener, name: str, timeout:
 
 
 async def run(qemu: Path, assets: GuestAssets, workdir: Path,
-              options: PvOptions | None = None) -> dict[str, Any]:
-    """Runs the PV scenario once and returns the report (see README: demo --json)."""
+              options: PvOptions | None = None, trace: Path | None = None) -> dict[str, Any]:
+    """Runs the PV scenario once in a lab and returns the report (see README: demo
+    --json); ``trace`` writes the backend's timeline there."""
     opts = options or PvOptions()
     t0 = time.monotonic()
     workdir.mkdir(parents=True, exist_ok=True)
     image = workdir / "disk.img"
     plan = opts.blk or demo_plan()
     host_read_sha = make_image(image, plan)
-    specs = endpoint_specs(workdir, image)
-    blk_ep = specs[0].endpoint
-    pci = {s.endpoint: pci_name(s.endpoint) for s in specs}
-    initrd = workdir / "initramfs.cpio.gz"
-    modules = pv_initramfs(initrd, assets, list(pci.values()), opts, hold=True)
-    append = "console=ttyAMA0 panic=-1 quiet"
-    if opts.passthrough:
-        append += " iommu.passthrough=1"
-
-    config = BackendConfig(viommu_socket=workdir / "viommu.sock",
-                           qmp_socket=workdir / "backend-qmp.sock",
-                           endpoints=[], iommu=opts.iommu, devices=specs)
+    blk_ep, rng_ep = pci_rid(BLK_ADDR), pci_rid(RNG_ADDR)
+    pci = {blk_ep: pci_name(blk_ep), rng_ep: pci_name(rng_ep)}
+    modules = ["virtio_iommu"] + (["virtio_blk"] if opts.blk is not None else []) \
+        + (["virtio-rng"] if opts.rng_bytes else [])
+    topology = LabTopology(
+        iommu=Iommu.pv(opts.iommu, passthrough=opts.passthrough),
+        endpoints=(Endpoint("blk", image=image, address=BLK_ADDR),
+                   Endpoint("rng", address=RNG_ADDR)),
+        load_modules=tuple(modules),
+        files=scenario_files("pv-iommu", _scenario_env(list(pci.values()), opts), workdir))
     report: dict[str, Any] = {"mode": "pv"}
-    async with Backend(config) as backend:
-        client, listener = await backend_qmp(config.qmp_socket)  # type: ignore[arg-type]
-        resets = EventListener(EVENT_NEEDS_RESET)
-        client.register_listener(resets)
-        try:
-            topology = await pv_topology(qemu, assets, initrd, workdir, config.viommu_socket,
-                                         append, endpoint_devices(specs))
-            vm = QemuMachine(qemu, topology, workdir, log_file=workdir / "console.log")
-            async with vm:
-                assert vm.console is not None
-                booted = await vm.console.wait_marker("BOOTED", opts.boot_timeout)
-                await wait_step(vm.console, resets, "READY", opts.step_timeout)
-                report["iommu"] = await pv_state(client)
-                vm.console.send("\n")  # the guest holds at READY until then
-                injected = None
-                if opts.fault is not None:
-                    injected = await client.execute("inject-fault", {
-                        "endpoint": blk_ep, "address": opts.fault.address,
-                        "access": opts.fault.access, "reason": opts.fault.reason})
-                    await wait_step(vm.console, resets, "FAULT_SEEN", opts.step_timeout)
-                armed = None
-                if opts.revoke:
-                    # A disk read: the device writes guest memory (access "write").
-                    armed = await client.execute("revoke-mapping", {
-                        "endpoint": blk_ep, "min-size": 4096, "access": "write"})
-                    await wait_step(vm.console, resets, "IO_RECOVERED", opts.step_timeout)
-                done = await wait_step(vm.console, resets, "DONE", opts.step_timeout)
-                exit_status = await vm.wait_exit(opts.step_timeout)
-                console = vm.console
-            events = [dict(ev) for ev in listener.history]
-            stats = await client.execute("query-viommu-stats")
-            devices = await client.execute("query-endpoint-devices")
-        finally:
-            await client.disconnect()
-        connections = backend.vhost.connections
+    lab = Lab(topology, workdir=workdir, qemu=qemu, assets=assets, trace=trace,
+              boot_timeout=opts.boot_timeout)
+    async with lab:
+        client = lab.backend_qmp
+        scenario = ScenarioRun(lab, "pv-iommu")
+        await scenario.start()
+        await scenario.step("READY", opts.step_timeout)
+        report["iommu"] = await pv_state(client)
+        await scenario.go_ahead()
+        injected = None
+        if opts.fault is not None:
+            injected = await client.execute("inject-fault", {
+                "endpoint": blk_ep, "address": opts.fault.address,
+                "access": opts.fault.access, "reason": opts.fault.reason})
+            await scenario.step("FAULT_SEEN", opts.step_timeout)
+        armed = None
+        if opts.revoke:
+            # A disk read: the device writes guest memory (access "write").
+            armed = await client.execute("revoke-mapping", {
+                "endpoint": blk_ep, "min-size": 4096, "access": "write"})
+            await scenario.step("IO_RECOVERED", opts.step_timeout)
+        done = await scenario.step("DONE", opts.step_timeout)
+        kernel_log = await lab.kernel_log()
+        events = lab.backend_events
+        stats = await query(client, "query-viommu-stats")
+        devices = await query(client, "query-endpoint-devices")
+        exit_status = await lab.poweroff(opts.step_timeout)
+        console = lab.console
 
-    if (failed := console.find("FAIL")) is not None:
-        raise GuestFailed(f"guest scenario failed: {failed.fields.get('reason', '?')}")
-    report["faults"] = pv_faults(console.lines, events)
+    if (failed := scenario.failed()) is not None:
+        raise GuestFailed(f"guest scenario failed: {failed}")
+    report["faults"] = pv_faults(kernel_log, events)
     report["injected"] = injected
     report["qmp_events"] = [{"event": e["event"], "data": e.get("data", {})} for e in events]
     if opts.blk is not None:
@@ -239,7 +229,7 @@ async def run(qemu: Path, assets: GuestAssets, workdir: Path,
         report["rng"] = rng_report(console, opts.rng_bytes)
     if opts.revoke:
         revoked = next((e["data"] for e in events if e.get("event") == EVENT_REVOKED), None)
-        errors = guest_io_errors(console.lines)
+        errors = guest_io_errors(kernel_log)
         report["revocation"] = {
             "armed": armed, "qmp_event": revoked,
             "memory_unchanged": bool(revoked and revoked["memory-unchanged"]),
@@ -264,15 +254,30 @@ async def run(qemu: Path, assets: GuestAssets, workdir: Path,
         "reserved_regions": [m.fields for m in console.markers
                              if m.name == "RESV" and m.fields.get("pci") == pci[blk_ep]],
         "disk": disk.fields if disk else None,
-        "modules": [m.name for m in modules],
+        "modules": lab.modules,
         "kernel": str(assets.kernel),
     }
-    report["backend"] = {"vhost_user_connections": connections, "stats": stats}
+    report["backend"] = {"vhost_user_connections": stats["vhost-user"]["connections"],
+                         "stats": stats}
     report["qemu"] = {"binary": str(qemu), "exit_status": exit_status}
-    report["timings"] = {"boot_s": round(booted.time - vm.started_at, 3),
-                         "total_s": round(time.monotonic() - t0, 3)}
-    report["logs"] = {"console": str(workdir / "console.log")}
+    report["timings"] = {"boot_s": lab.boot_seconds, "total_s": round(time.monotonic() - t0, 3)}
+    report["logs"] = {"console": str(lab.console_log), "backend": str(lab.backend_log)}
+    if trace is not None:
+        report["logs"]["trace"] = str(trace)
     return report
+
+
+def _scenario_env(endpoints: list[str], opts: PvOptions) -> dict[str, Any]:
+    """The pv-iommu guest script's environment (see its header)."""
+    env: dict[str, Any] = {"ENDPOINTS": " ".join(endpoints),
+                           "FAULT_WAIT": int(opts.step_timeout) if opts.fault else 0,
+                           "REVOKE_WAIT": int(opts.step_timeout) if opts.revoke else 0,
+                           "RNG_BYTES": opts.rng_bytes,
+                           "HOLD_WAIT": int(opts.step_timeout)}
+    if opts.blk is not None:
+        env.update({"DISK": "vda", "READ_BYTES": opts.blk.read_bytes,
+                    "WRITE_OFFSET": opts.blk.write_offset, "WRITE_BYTES": opts.blk.write_bytes})
+    return env
 
 
 def rng_report(console: Any, expected: int) -> dict[str, Any]:

@@ -16,26 +16,21 @@ event).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import EventListener, QMPClient
-
-from ..backend import EVENT_NEEDS_RESET, Backend, BackendConfig
-from ..endpoints import EndpointSpec
+from ..lab import Endpoint, Iommu, Lab, Topology
 from ..lab.faults import vsmmu_faults
-from ..lab.state import vsmmu_state
-from ..machine.console import Console, GuestFailed
-from ..machine.guest_image import build_initramfs
+from ..lab.state import query, vsmmu_state
+from ..machine.console import GuestFailed
 from ..machine.guestlog import guest_io_errors
-from ..machine.qemu import QemuMachine
-from ..machine.topology import Topology, VhostUserBlkPci, VhostUserRngPci, pci_name, pci_rid
+from ..machine.topology import pci_name, pci_rid
 from ..provision import GuestAssets
 from ..qmp.vsmmu import EVENT_VSMMU
 from .dma import blk_checks, make_image
-from .pv import backend_qmp, demo_plan, rng_report, wait_step
+from .pv import demo_plan, rng_report
+from .runner import ScenarioRun, scenario_files
 
 BLK_ADDR = "2.0"
 RNG_ADDR = "3.0"
@@ -51,123 +46,75 @@ STEP_TIMEOUT = 60.0
 BOOT_TIMEOUT = 120.0
 
 
-def endpoint_specs(workdir: Path, image: Path) -> list[EndpointSpec]:
-    """The backend's vSMMU endpoints: virtio-blk on ``image``, virtio-rng."""
-    return [EndpointSpec("blk", workdir / "blk.sock", pci_rid(BLK_ADDR), image=image,
-                         transport="vhost-user"),
-            EndpointSpec("rng", workdir / "rng.sock", pci_rid(RNG_ADDR),
-                         transport="vhost-user")]
-
-
-def vsmmu_topology(assets: GuestAssets, initrd: Path, specs: list[EndpointSpec],
-                   append: str = "console=ttyAMA0 panic=-1 quiet") -> Topology:
-    """The virt machine with QEMU's SMMUv3 and the backend's blk and rng behind it
-    (``specs`` as :func:`endpoint_specs` makes them)."""
-    blk, rng = specs
-    return Topology(kernel=assets.kernel, initrd=initrd, append=append, iommu="smmuv3",
-                    devices=[VhostUserBlkPci(socket=blk.socket, addr=BLK_ADDR),
-                             VhostUserRngPci(socket=rng.socket, addr=RNG_ADDR)])
-
-
-async def _qmp_event(listener: EventListener, name: str, console: Console,
-                     timeout: float) -> dict[str, Any]:
-    """The data of the next QMP event ``name``; GuestFailed if the guest gave up first."""
-    deadline = time.monotonic() + timeout
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise GuestFailed(f"no {name} from the backend within {timeout:.0f}s")
-        try:
-            event = await asyncio.wait_for(listener.get(), min(left, 1.0))
-        except TimeoutError:
-            if (failed := console.find("FAIL")) is not None:
-                raise GuestFailed(f"guest scenario failed: {failed.fields.get('reason', '?')}"
-                                  f" (waiting for {name})") from None
-            continue
-        if event["event"] == name:
-            return dict(event.get("data", {}))
-
-
-async def _stage2_fault(client: QMPClient, events: EventListener, console: Console,
-                        resets: EventListener, blk: int) -> dict[str, Any]:
+async def _stage2_fault(lab: Lab, scenario: ScenarioRun, blk: int) -> dict[str, Any]:
     """Takes the IPA page under the guest's next disk read out of stage 2, maps it back
     once the device met the fault, and waits for the guest to read on."""
+    since = len(lab.backend_events)
     # A disk read: the device writes guest memory (access "write").
-    armed = await client.execute("stage2-unmap", {"endpoint": blk, "min-size": 4096,
-                                                  "access": "write"})
-    event = await _qmp_event(events, EVENT_VSMMU, console, STEP_TIMEOUT)
+    armed = await query(lab.backend_qmp, "stage2-unmap", {
+        "endpoint": blk, "min-size": 4096, "access": "write"})
+    event = (await lab.wait_event(EVENT_VSMMU, STEP_TIMEOUT, since))["data"]
     page = event["ipa"] & ~0xFFF
-    remapped = await client.execute("stage2-map", {"start": page, "size": 4096})
-    await wait_step(console, resets, "IO_RECOVERED", STEP_TIMEOUT)
+    remapped = await query(lab.backend_qmp, "stage2-map", {"start": page, "size": 4096})
+    await scenario.step("IO_RECOVERED", STEP_TIMEOUT)
     return {"armed": armed, "qmp_event": event, "ipa": page, "remapped": remapped}
 
 
-async def _rogue_dma(client: QMPClient, console: Console, resets: EventListener,
-                     blk: int) -> dict[str, Any]:
+async def _rogue_dma(lab: Lab, scenario: ScenarioRun, blk: int) -> dict[str, Any]:
     """The disk reads ROGUE_IOVA on its own; the guest must log the stage-1 fault."""
-    await wait_step(console, resets, "S1_WAIT", STEP_TIMEOUT)
-    result = await client.execute("inject-dma", {"endpoint": blk, "address": ROGUE_IOVA,
-                                                 "access": "read", "size": 4})
-    await wait_step(console, resets, "S1_FAULT_SEEN", STEP_TIMEOUT)
+    await scenario.step("S1_WAIT", STEP_TIMEOUT)
+    result = await query(lab.backend_qmp, "inject-dma", {
+        "endpoint": blk, "address": ROGUE_IOVA, "access": "read", "size": 4})
+    await scenario.step("S1_FAULT_SEEN", STEP_TIMEOUT)
     return {"address": ROGUE_IOVA, "access": "read", "result": result}
 
 
-async def run(qemu: Path, assets: GuestAssets, workdir: Path) -> dict[str, Any]:
-    """Runs the vSMMU scenario once and returns the report (see README: demo --json)."""
+async def run(qemu: Path, assets: GuestAssets, workdir: Path,
+              trace: Path | None = None) -> dict[str, Any]:
+    """Runs the vSMMU scenario once in a lab and returns the report (see README: demo
+    --json); ``trace`` writes the backend's timeline there."""
     t0 = time.monotonic()
     workdir.mkdir(parents=True, exist_ok=True)
     image = workdir / "disk.img"
     plan = demo_plan()
     host_read_sha = make_image(image, plan)
-    specs = endpoint_specs(workdir, image)
-    blk_ep = specs[0].endpoint
-    pci = {s.endpoint: pci_name(s.endpoint) for s in specs}
-    initrd = workdir / "initramfs.cpio.gz"
-    modules = build_initramfs(
-        initrd, busybox=assets.busybox, modules_dir=assets.modules,
-        modules=["virtio_blk", "virtio-rng"], scenario="vsmmu",
-        env={"ENDPOINTS": " ".join(pci.values()), "DISK": "vda",
-             "READ_BYTES": plan.read_bytes, "WRITE_OFFSET": plan.write_offset,
-             "WRITE_BYTES": plan.write_bytes, "RNG_BYTES": RNG_BYTES,
-             "STEP_WAIT": int(STEP_TIMEOUT)})
-
-    config = BackendConfig(viommu_socket=None, qmp_socket=workdir / "backend-qmp.sock",
-                           devices=specs)
+    blk_ep, rng_ep = pci_rid(BLK_ADDR), pci_rid(RNG_ADDR)
+    pci = {blk_ep: pci_name(blk_ep), rng_ep: pci_name(rng_ep)}
+    env = {"ENDPOINTS": " ".join(pci.values()), "DISK": "vda",
+           "READ_BYTES": plan.read_bytes, "WRITE_OFFSET": plan.write_offset,
+           "WRITE_BYTES": plan.write_bytes, "RNG_BYTES": RNG_BYTES,
+           "STEP_WAIT": int(STEP_TIMEOUT)}
+    topology = Topology(iommu=Iommu(kind="vsmmu"),
+                        endpoints=(Endpoint("blk", image=image, address=BLK_ADDR),
+                                   Endpoint("rng", address=RNG_ADDR)),
+                        files=scenario_files("vsmmu", env, workdir))
     report: dict[str, Any] = {"mode": "vsmmu"}
-    async with Backend(config):
-        client, listener = await backend_qmp(config.qmp_socket)  # type: ignore[arg-type]
-        resets = EventListener(EVENT_NEEDS_RESET)
-        client.register_listener(resets)
-        vsmmu_events = EventListener(EVENT_VSMMU)
-        client.register_listener(vsmmu_events)
-        try:
-            topology = vsmmu_topology(assets, initrd, specs)
-            vm = QemuMachine(qemu, topology, workdir, log_file=workdir / "console.log")
-            async with vm:
-                console = vm.console
-                assert console is not None
-                booted = await console.wait_marker("BOOTED", BOOT_TIMEOUT)
-                await wait_step(console, resets, "READY", STEP_TIMEOUT)
-                stage2_fault = await _stage2_fault(client, vsmmu_events, console, resets,
-                                                   blk_ep)
-                rogue = await _rogue_dma(client, console, resets, blk_ep)
-                done = await wait_step(console, resets, "DONE", STEP_TIMEOUT)
-                exit_status = await vm.wait_exit(STEP_TIMEOUT)
-            events = [dict(ev) for ev in listener.history]
-            state = await vsmmu_state(client)
-            devices = await client.execute("query-endpoint-devices")
-        finally:
-            await client.disconnect()
+    lab = Lab(topology, workdir=workdir, qemu=qemu, assets=assets, trace=trace,
+              boot_timeout=BOOT_TIMEOUT)
+    async with lab:
+        client = lab.backend_qmp
+        scenario = ScenarioRun(lab, "vsmmu")
+        await scenario.start()
+        await scenario.step("READY", STEP_TIMEOUT)
+        stage2_fault = await _stage2_fault(lab, scenario, blk_ep)
+        rogue = await _rogue_dma(lab, scenario, blk_ep)
+        done = await scenario.step("DONE", STEP_TIMEOUT)
+        kernel_log = await lab.kernel_log()
+        events = lab.backend_events
+        state = await vsmmu_state(client)
+        devices = await query(client, "query-endpoint-devices")
+        exit_status = await lab.poweroff(STEP_TIMEOUT)
+        console = lab.console
 
-    if (failed := console.find("FAIL")) is not None:
-        raise GuestFailed(f"guest scenario failed: {failed.fields.get('reason', '?')}")
-    report["faults"] = vsmmu_faults(console.lines, events, rogue["result"])
+    if (failed := scenario.failed()) is not None:
+        raise GuestFailed(f"guest scenario failed: {failed}")
+    report["faults"] = vsmmu_faults(kernel_log, events, rogue["result"])
     report["qmp_events"] = [{"event": e["event"], "data": e.get("data", {})} for e in events]
     report["dma"] = blk_checks(console, image, plan, host_read_sha)
     report["rng"] = rng_report(console, RNG_BYTES)
     recovered = console.find("IO_RECOVERED")
     carried_on = console.find("S1_CARRIED_ON")
-    stage2_fault["guest_io_error"] = next(iter(guest_io_errors(console.lines)), None)
+    stage2_fault["guest_io_error"] = next(iter(guest_io_errors(kernel_log)), None)
     stage2_fault["recovered"] = bool(recovered and
                                      recovered.fields.get("sha256") == host_read_sha)
     rogue["guest_carried_on"] = bool(carried_on and
@@ -198,16 +145,17 @@ async def run(qemu: Path, assets: GuestAssets, workdir: Path) -> dict[str, Any]:
         "iommu_group": first.get("group"),
         "group_type": first.get("type"),
         "disk": disk.fields if disk else None,
-        "modules": [m.name for m in modules],
+        "modules": lab.modules,
         "kernel": str(assets.kernel),
     }
     report["backend"] = {"endpoint_devices": [
         {k: d[k] for k in ("id", "kind", "transport", "mode", "connections", "needs-reset")}
         for d in devices]}
     report["qemu"] = {"binary": str(qemu), "exit_status": exit_status}
-    report["timings"] = {"boot_s": round(booted.time - vm.started_at, 3),
-                         "total_s": round(time.monotonic() - t0, 3)}
-    report["logs"] = {"console": str(workdir / "console.log")}
+    report["timings"] = {"boot_s": lab.boot_seconds, "total_s": round(time.monotonic() - t0, 3)}
+    report["logs"] = {"console": str(lab.console_log), "backend": str(lab.backend_log)}
+    if trace is not None:
+        report["logs"]["trace"] = str(trace)
     return report
 
 

@@ -1,0 +1,87 @@
+"""The demo's guest scenarios run in a lab: their files, their start, their steps.
+
+A scenario is a script of guest-kernel-config/scenarios/ that reports to the host
+with markers (guest-kernel-config/lib/scenario.sh). The lab's guest gets the
+script, the shared guest library, the runner (guest-kernel-config/
+run-scenario.sh) and the scenario's environment as files; the host starts it in
+the background (:meth:`pviommu.lab.Lab.spawn`, so that the guest's shell still
+answers) and follows its markers on the console.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import EventListener
+
+from ..lab import ExtraFile, Lab
+from ..machine.console import GuestFailed, Marker
+from ..machine.guest_image import scenario_path
+from ..qmp.viommu import EVENT_NEEDS_RESET
+from ..resources import repo_path
+
+GO_AHEAD = "/tmp/pviommu-go"
+"""The file a scenario that holds (HOLD_WAIT) waits for."""
+
+
+def scenario_files(name: str, env: dict[str, Any], workdir: Path) -> tuple[ExtraFile, ...]:
+    """The guest files scenario ``name`` needs; its ``env`` is written to
+    ``workdir`` and becomes the guest's /etc/pviommu.env."""
+    env_file = workdir / f"{name}.env"
+    env_file.write_text("".join(f"{k}={shlex.quote(str(v))}\n" for k, v in env.items()))
+    return (ExtraFile(repo_path("guest-kernel-config", "lib"), "/lib/pviommu"),
+            ExtraFile(repo_path("guest-kernel-config", "run-scenario.sh"),
+                      "/lib/pviommu/run-scenario.sh"),
+            ExtraFile(scenario_path(name), f"/lib/pviommu/scenarios/{name}.sh"),
+            ExtraFile(env_file, "/etc/pviommu.env"))
+
+
+class ScenarioRun:
+    """A scenario running in ``lab``: its markers, and the backend's NEEDS_RESET
+    announcements (a device that needs a reset fails the run at once: the guest's
+    driver would wait for it forever)."""
+
+    def __init__(self, lab: Lab, name: str) -> None:
+        self.lab = lab
+        self.name = name
+        self.resets: EventListener | None = None
+
+    async def start(self) -> None:
+        """Starts the scenario in the background of the guest."""
+        if self.lab.backend_qmp_socket is not None:
+            self.resets = EventListener(EVENT_NEEDS_RESET)
+            self.lab.backend_qmp.register_listener(self.resets)
+        await self.lab.spawn(f"sh /lib/pviommu/run-scenario.sh {self.name}")
+
+    async def step(self, marker: str, timeout: float) -> Marker:
+        """Waits for the scenario's ``marker``; GuestFailed if the scenario failed, the
+        guest died or a backend device needs a reset first."""
+        console = self.lab.console
+        waiting = asyncio.ensure_future(console.wait_marker(marker, timeout))
+        if self.resets is None:
+            return await waiting
+        reset = asyncio.ensure_future(self.resets.get())
+        try:
+            await asyncio.wait({waiting, reset}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (waiting, reset):
+                task.cancel()
+        if reset.done() and not reset.cancelled():
+            data = reset.result().get("data", {})
+            what = (f"{data.get('kind')} endpoint {data['endpoint']:#x}" if "endpoint" in data
+                    else "the PV-IOMMU")
+            raise GuestFailed(f"{what} needs a reset (queue {data.get('queue')}: "
+                              f"{data.get('reason')}) while waiting for the guest's {marker}")
+        return waiting.result()
+
+    async def go_ahead(self) -> None:
+        """Lets a scenario that holds (HOLD_WAIT) go on."""
+        await self.lab.run(f"touch {GO_AHEAD}", check=True)
+
+    def failed(self) -> str | None:
+        """The scenario's FAIL reason, if it failed."""
+        failed = self.lab.console.find("FAIL")
+        return failed.fields.get("reason", "?") if failed is not None else None
