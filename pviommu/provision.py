@@ -1,4 +1,5 @@
-"""Provisioning: find or build QEMU, fetch the guest kernel, modules and busybox.
+"""Provisioning: find or build QEMU, fetch the guest kernel, modules and busybox,
+build the guest's fio.
 
 The work is done by the shell scripts in ``qemu-scripts/`` (the Dockerfile
 runs the same ones); this module decides what is missing and runs them, with
@@ -136,6 +137,12 @@ def fetch_guest(kernel: Path | None = None, modules: Path | None = None) -> Gues
         return GuestAssets(kernel, modules, paths["BUSYBOX"])
     paths = _script_paths("fetch-guest.sh")
     return GuestAssets(paths["KERNEL"], paths["MODULES"], paths["BUSYBOX"], paths["CONFIG"])
+
+
+def fetch_fio() -> Path:
+    """The guest's fio: a static arm64 build of Debian's fio source, made into the
+    cache when missing (qemu-scripts/fetch-fio.sh, about a minute; then instant)."""
+    return _script_paths("fetch-fio.sh")["FIO"]
 
 
 def setup(kernel: Path | None = None, modules: Path | None = None) -> tuple[Path, GuestAssets]:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages pviommu needs on the host (build tools for QEMU
-# and pylibfdt, Python venv support). Only installs what is missing, and says
-# so before it changes anything.
+# and pylibfdt, Python venv support, the arm64 cross compiler for the guest's
+# fio). Only installs what is missing, and says so before it changes anything.
 source "$(dirname "$0")/common.sh"
 
 PKGS=(
@@ -17,6 +17,9 @@ PKGS=(
     # qemu-storage-daemon: QEMU's own C vhost-user-blk back-end, the benchmark's
     # reference for the vhost-user transport (BENCHMARKS.md)
     qemu-system-common
+    # the guest's fio: Debian's fio source cross-built static for arm64
+    # (qemu-scripts/fetch-fio.sh)
+    gcc-aarch64-linux-gnu libc6-dev-arm64-cross
 )
 
 missing=()
