@@ -6,10 +6,10 @@
 #
 # Why not Debian's arm64 fio binary: it links the libraries of every optional
 # engine (librbd, librados, libgfapi, libibverbs, libpmem, libnbd, ...), whose
-# closure is 63 libraries and 83 MB (31 MB gzipped): it triples the guest's boot
-# time (BENCHMARKS.md, "fio in the guest"). This build keeps the engines a block
-# benchmark uses (libaio, io_uring, psync, sync, mmap, posixaio) and leaves out
-# those that need other libraries: 2.4 MB, 0.8 MB gzipped.
+# closure is 63 libraries and 83 MB (31 MB gzipped): about 2 s more boot and 5 s
+# more lab start (BENCHMARKS.md, "fio in the guest"). This build keeps the
+# engines a block benchmark uses (libaio, io_uring, psync, sync, mmap, posixaio)
+# and leaves out those that need other libraries: 2.4 MB, 0.8 MB gzipped.
 #
 # Idempotent: a cached fio is printed without touching the network; the build
 # happens next to its final place and is renamed when complete. Host apt

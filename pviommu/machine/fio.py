@@ -2,10 +2,12 @@
 
 The guest's fio is a static arm64 build of Debian bookworm's fio source
 (qemu-scripts/fetch-fio.sh): one file, no shared libraries and no dynamic
-loader, so it costs the initramfs 0.8 MB and the boot well under a second,
-where Debian's binary package would bring 63 libraries (BENCHMARKS.md, "fio in
-the guest"). It has the engines a block benchmark uses: libaio, io_uring,
-psync, sync, mmap and posixaio. Use it as::
+loader, so it costs the initramfs 0.8 MB and the boot about 0.4 s, where
+Debian's binary package would bring 63 libraries, 31 MB gzipped, and about 2 s
+(BENCHMARKS.md, "fio in the guest"). It has the engines a block benchmark
+uses: libaio, io_uring, psync, sync, mmap and posixaio; ``--iomem=shmhuge``
+works once the guest has huge pages (``echo N > /proc/sys/vm/nr_hugepages``).
+Use it as::
 
     async with Lab(Topology(files=fio_files())) as lab:
         result = await lab.run(f"fio ... --output-format=json", check=True)
