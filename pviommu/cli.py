@@ -142,7 +142,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
           f"{len(plan.paths) * len(bench.IOMMU_MODES)} guests (logs in {workdir})",
           file=sys.stderr)
     result = asyncio.run(bench.run(qemu, assets, workdir, plan,
-                                   progress=lambda line: print(line, file=sys.stderr)))
+                                   progress=lambda line: print(line, file=sys.stderr),
+                                   trace=args.trace))
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -495,6 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the raw samples as JSON")
     p.add_argument("--workdir", type=Path, help="where images and logs go "
                         "(default: CACHE/runs/bench, replaced each run)")
+    p.add_argument("--trace", type=Path, metavar="FILE",
+                   help="write each pv and vsmmu cell's backend timeline beside FILE, as "
+                        "FILE-rROUND-MODE-PATH.json (docs/TRACING.md)")
     _add_guest_options(p)
     p.set_defaults(func=cmd_bench)
     return parser

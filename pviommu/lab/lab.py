@@ -67,13 +67,15 @@ class Lab:
     directory is made and removed on a clean exit (kept, and named in the log,
     after an error). ``trace`` writes the backend's timeline there
     (docs/TRACING.md). ``qemu`` and ``assets`` replace what ``pviommu setup``
-    provisioned.
+    provisioned. ``qemu_args`` are added to QEMU's command line (a device of
+    one's own, served by another process, say).
     """
 
     def __init__(self, topology: Topology | str | Path | None = None, *,
                  workdir: Path | None = None, trace: Path | None = None,
                  boot_timeout: float = BOOT_TIMEOUT, qemu: Path | None = None,
-                 assets: GuestAssets | None = None) -> None:
+                 assets: GuestAssets | None = None, qemu_args: list[str] | None = None
+                 ) -> None:
         if topology is None:
             topology = Topology()
         elif not isinstance(topology, Topology):
@@ -82,6 +84,7 @@ class Lab:
         self.trace = trace
         self.boot_timeout = boot_timeout
         self._qemu_binary = qemu
+        self.qemu_args = list(qemu_args or [])
         self._assets = assets
         self._own_workdir = workdir is None
         self.workdir = workdir if workdir is not None else Path(
@@ -159,7 +162,8 @@ class Lab:
             kernel=assets.kernel, initrd=initrd, append=kernel_command_line(self.topology),
             memory_mb=self.topology.memory >> 20, smp=self.topology.vcpus,
             devices=wiring.devices(self.topology, self.endpoints, viommu),
-            iommu=wiring.machine_iommu, user_qmp=self.qemu_qmp_socket)
+            iommu=wiring.machine_iommu, user_qmp=self.qemu_qmp_socket,
+            extra_args=self.qemu_args)
         if wiring.patch_dtb:
             # Dumping the DTB realizes the devices: the backend must listen already.
             dtb = await dump_dtb(qemu, machine, self.workdir / "virt.dtb")
@@ -352,8 +356,9 @@ class Lab:
         return state
 
     async def counters(self) -> dict[str, int]:
-        """The round trips to the backend so far: PV-IOMMU requests by type (MAP,
-        UNMAP, ...) or the vSMMU endpoints' IOTLB messages, summed over endpoints."""
+        """The round trips to the backend so far: PV-IOMMU requests by type ("map",
+        "unmap", ...), or the vSMMU endpoints' IOTLB messages ("miss", "update",
+        "invalidate", ...) and nested-translation counters, summed over endpoints."""
         if not self._wiring.served:
             return {}
         client = self.backend_qmp
@@ -364,9 +369,10 @@ class Lab:
                 out[r["type"]] = out.get(r["type"], 0) + r["count"]
             return out
         for dev in await query(client, "query-endpoint-devices"):
-            for key, value in (dev.get("iotlb") or {}).items():
-                if isinstance(value, int):
-                    out[key] = out.get(key, 0) + value
+            for section in ("iotlb", "translation"):
+                for key, value in (dev.get(section) or {}).items():
+                    if isinstance(value, int):
+                        out[key] = out.get(key, 0) + value
         return out
 
     def endpoint(self, kind: str, index: int = 0) -> LabEndpoint:

@@ -188,6 +188,8 @@ class Topology:
     iommu: str | None = None
     """The virt machine's own IOMMU (``"smmuv3"``: QEMU's SMMUv3 on the PCI bus,
     the guest's stage 1 in vSMMU mode); None for none."""
+    extra_args: list[str] = field(default_factory=list)
+    """More QEMU options, at the end of the command line."""
     user_qmp: Path | None = None
     """A second QMP monitor on this UNIX socket, for people (``qmp-shell``) while the
     launcher holds the first one (a QEMU QMP socket takes one client at a time)."""
@@ -234,4 +236,4 @@ class Topology:
                      "-mon", "chardev=userqmp,mode=control"]
         for dev in self.devices:
             argv += dev.qemu_args()
-        return argv
+        return argv + self.extra_args

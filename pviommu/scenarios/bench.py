@@ -14,11 +14,12 @@ The paths (:data:`PATHS`):
   VIRTIO_F_ACCESS_PLATFORM, and QEMU refuses ``iommu_platform=on`` without it.
   The vhost-user transport alone, as a reference for the vSMMU path.
 
-Each round boots one guest per (path, IOMMU mode) cell, rotating the order of
-the paths, and the guest times direct-I/O ``dd`` runs of each block size. On
-the backend's paths the round trips to another process are counted around each
-``dd``: MAP and UNMAP requests to the PV-IOMMU; IOTLB MISS, UPDATE and INVALIDATE
-messages of the vSMMU endpoint. The table holds the medians over the rounds and
+Each round boots one lab (:class:`pviommu.lab.Lab`) per (path, IOMMU mode)
+cell, rotating the order of the paths, and the guest times direct-I/O ``dd``
+runs of each block size, one guest command each. On the backend's paths the
+round trips to another process are counted around each ``dd`` (the lab's
+counters): MAP and UNMAP requests to the PV-IOMMU; IOTLB MISS, UPDATE and
+INVALIDATE messages of the vSMMU endpoint. The table holds the medians over the rounds and
 the ratios to the built-in path. A benchmark, not a test: it asserts nothing,
 it measures and writes down.
 """
@@ -37,28 +38,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..backend import Backend, BackendConfig
-from ..endpoints import EndpointSpec, VsmmuEndpoint
-from ..machine.console import Console, GuestFailed
-from ..machine.guest_image import build_initramfs
-from ..machine.qemu import QemuMachine
-from ..machine.topology import (
-    Device,
-    Topology,
-    VhostUserBlkPci,
-    VirtioBlkPci,
-    VirtioIommuPci,
-    pci_rid,
-)
+from ..lab import Endpoint, Iommu, Lab, Topology
+from ..machine.console import GuestFailed
+from ..machine.topology import Device
 from ..provision import GuestAssets
-from . import pv
 
 MiB = 1 << 20
 PATHS = ("pv", "vsmmu", "builtin", "smmuv3-builtin", "qsd")
 IOMMU_MODES = {"strict": "iommu.strict=1", "lazy": "iommu.strict=0"}
 # What counts as a round trip to another process on each of the backend's paths.
-ROUND_TRIPS = {"pv": ("MAP", "UNMAP"),
-               "vsmmu": ("iotlb_miss", "iotlb_update", "iotlb_invalidate")}
+ROUND_TRIPS = {"pv": ("map", "unmap"),
+               "vsmmu": ("miss", "update", "invalidate")}
+LAB_KINDS = {"pv": "pv", "vsmmu": "vsmmu", "builtin": "builtin", "smmuv3-builtin": "smmuv3",
+             "qsd": "smmuv3"}
+"""The lab's IOMMU kind of each path (qsd's device is added to an SMMUv3 machine)."""
+BLK_ADDR = "2.0"
 QSD = "qemu-storage-daemon"
 
 Counters = Callable[[], Mapping[str, int]]
@@ -83,7 +77,7 @@ class QsdBlkPci(Device):
     (the daemon's export cannot do it): the device reads guest-physical addresses."""
 
     socket: Path = Path()
-    addr: str = pv.BLK_ADDR
+    addr: str = BLK_ADDR
     id: str = "qsdblk"
 
     def qemu_args(self) -> list[str]:
@@ -92,15 +86,14 @@ class QsdBlkPci(Device):
                 "num-queues=1,disable-legacy=on"]
 
 
-def _initramfs(out: Path, assets: GuestAssets, plan: BenchPlan) -> None:
-    tests = " ".join(f"{op}:{bs}:{n}" for op, bs, n in plan.tests)
-    build_initramfs(out, busybox=assets.busybox, modules_dir=assets.modules,
-                    modules=["virtio_iommu", "virtio_blk"], scenario="bench-blk",
-                    env={"DISK": "vda", "TESTS": tests})
-
-
-def _seen(console: Console, name: str, n: int) -> Callable[[], bool]:
-    return lambda: sum(m.name == name for m in console.markers) >= n
+def _seconds_command(op: str, bs: int, nbytes: int) -> str:
+    """The guest command of one test: a direct-I/O ``dd``, timed by the guest's own
+    clock (1/100 s), printing the elapsed centiseconds."""
+    count = nbytes // bs
+    io = (f"dd if=/dev/vda of=/dev/null bs={bs} count={count} iflag=direct" if op == "read"
+          else f"dd if=/dev/zero of=/dev/vda bs={bs} count={count} oflag=direct")
+    clock = "tr -d . < /proc/uptime | cut -d' ' -f1"
+    return f"t0=$({clock}); {io} 2>/dev/null || exit 1; t1=$({clock}); echo $((t1 - t0))"
 
 
 def per_mib(deltas: Mapping[str, int], kinds: tuple[str, ...], mib: float) -> dict[str, Any]:
@@ -109,102 +102,46 @@ def per_mib(deltas: Mapping[str, int], kinds: tuple[str, ...], mib: float) -> di
             "by_kind": {k: round(n / mib, 1) for k, n in sorted(deltas.items())}}
 
 
-async def _boot(qemu: Path, topology: Topology, workdir: Path, plan: BenchPlan,
-                counters: Counters | None = None,
-                kinds: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    """Boots the bench guest; with ``counters`` (the backend's counters of round
-    trips) also counts the ``kinds`` of them made during each test."""
-    vm = QemuMachine(qemu, topology, workdir, log_file=workdir / "console.log")
-    timeout = plan.timeout
-    per_test: list[dict[str, int]] = []
-    async with vm:
-        console = vm.console
-        assert console is not None
-        for i in range(len(plan.tests) if counters is not None else 0):
-            await console.wait_until(_seen(console, "BENCH_GO", i + 1), "BENCH_GO", timeout)
-            before = dict(counters())  # type: ignore[misc]
-            await console.wait_until(_seen(console, "BENCH", i + 1), "BENCH", timeout)
-            after = counters()  # type: ignore[misc]
-            per_test.append({k: after.get(k, 0) - before.get(k, 0)
-                             for k in set(after) | set(before)})
-        await console.wait_marker("DONE", timeout)
-        await vm.wait_exit(60)
-    if (failed := console.find("FAIL")) is not None:
-        raise GuestFailed(f"bench guest failed: {failed.fields.get('reason', '?')} "
-                          f"(log {workdir / 'console.log'})")
+async def run_tests(lab: Lab, plan: BenchPlan, kinds: tuple[str, ...] = ()
+                    ) -> list[dict[str, Any]]:
+    """Runs the plan's tests in ``lab``'s guest, one command each, and counts the
+    backend's round trips of ``kinds`` around each (when the lab has a backend)."""
     out = []
-    for i, m in enumerate(m for m in console.markers if m.name == "BENCH"):
-        centis = max(int(m.fields["centis"]), 1)
-        mib = int(m.fields["bytes"]) / MiB
-        result: dict[str, Any] = {"op": m.fields["op"], "bs": int(m.fields["bs"]),
-                                  "mib_s": mib / (centis / 100)}
-        if i < len(per_test):
-            result.update(per_mib(per_test[i], kinds, mib))
-            if kinds == ROUND_TRIPS["pv"]:
-                result["iommu_requests_per_mib"] = result["round_trips_per_mib"]
-        out.append(result)
+    await lab.run("test -b /dev/vda || sleep 2; test -b /dev/vda", check=True)
+    for op, bs, nbytes in plan.tests:
+        before = await lab.counters()
+        result = await lab.run(_seconds_command(op, bs, nbytes), plan.timeout)
+        if not result.ok:
+            raise GuestFailed(f"bench {op} {bs}: the guest's dd failed ({result.output.strip()}; "
+                              f"log {lab.console_log})")
+        after = await lab.counters()
+        centis = max(int(result.output.split()[-1]), 1)
+        mib = nbytes / MiB
+        row: dict[str, Any] = {"op": op, "bs": bs, "mib_s": mib / (centis / 100)}
+        if kinds:
+            row.update(per_mib({k: after.get(k, 0) - before.get(k, 0)
+                                for k in set(after) | set(before)}, kinds, mib))
+        out.append(row)
     return out
 
 
-async def _run_builtin(qemu: Path, assets: GuestAssets, workdir: Path, initrd: Path,
-                       image: Path, append: str, plan: BenchPlan) -> list[dict[str, Any]]:
-    topology = Topology(kernel=assets.kernel, initrd=initrd, append=append,
-                        devices=[VirtioIommuPci(addr="1.0"),
-                                 VirtioBlkPci(image=image, addr=pv.BLK_ADDR)])
-    return await _boot(qemu, topology, workdir, plan)
+def cell_topology(path: str, image: Path, strict: bool) -> Topology:
+    """The machine of one path: its IOMMU kind and the shared disk at 2.0."""
+    kind = LAB_KINDS[path]
+    modules = ("virtio_iommu", "virtio_blk") if kind in ("pv", "builtin") else ("virtio_blk",)
+    endpoints = (Endpoint("blk", image=image, address=BLK_ADDR),) if path != "qsd" else ()
+    return Topology(iommu=Iommu(kind=kind, strict=strict), endpoints=endpoints,
+                    load_modules=modules)
 
 
-async def _run_smmuv3_builtin(qemu: Path, assets: GuestAssets, workdir: Path, initrd: Path,
-                              image: Path, append: str, plan: BenchPlan
-                              ) -> list[dict[str, Any]]:
-    topology = Topology(kernel=assets.kernel, initrd=initrd, append=append, iommu="smmuv3",
-                        devices=[VirtioBlkPci(image=image, addr=pv.BLK_ADDR)])
-    return await _boot(qemu, topology, workdir, plan)
-
-
-async def _run_pv(qemu: Path, assets: GuestAssets, workdir: Path, initrd: Path,
-                  image: Path, append: str, plan: BenchPlan) -> list[dict[str, Any]]:
-    spec = EndpointSpec("blk", workdir / "blk.sock", pci_rid(pv.BLK_ADDR), image=image)
-    config = BackendConfig(viommu_socket=workdir / "viommu.sock", endpoints=[],
-                           devices=[spec])
-    async with Backend(config) as backend:
-        requests = backend.device.requests
-
-        def map_unmap() -> dict[str, int]:
-            counts = dict.fromkeys(ROUND_TRIPS["pv"], 0)
-            for (kind, _), n in requests.items():
-                if kind in counts:
-                    counts[kind] += n
-            return counts
-        topology = await pv.pv_topology(qemu, assets, initrd, workdir, config.viommu_socket,
-                                        append, pv.endpoint_devices([spec]))
-        return await _boot(qemu, topology, workdir, plan, map_unmap, ROUND_TRIPS["pv"])
-
-
-async def _run_vsmmu(qemu: Path, assets: GuestAssets, workdir: Path, initrd: Path,
-                     image: Path, append: str, plan: BenchPlan) -> list[dict[str, Any]]:
-    spec = EndpointSpec("blk", workdir / "blk.sock", pci_rid(pv.BLK_ADDR), image=image,
-                        transport="vhost-user")
-    config = BackendConfig(viommu_socket=None, devices=[spec])
-    async with Backend(config) as backend:
-        endpoint = backend.endpoints[spec.endpoint]
-        assert isinstance(endpoint, VsmmuEndpoint)
-
-        def iotlb() -> dict[str, int]:
-            # The IOTLB round trips, and the composed cache's hits and misses.
-            counts = {k: endpoint.server.stats[k] for k in ROUND_TRIPS["vsmmu"]}
-            for k in ("composed_hits", "composed_misses"):
-                counts[k] = endpoint.translation_stats[k]
-            return counts
-        topology = Topology(kernel=assets.kernel, initrd=initrd, append=append, iommu="smmuv3",
-                            devices=[VhostUserBlkPci(socket=spec.socket, addr=pv.BLK_ADDR)])
-        return await _boot(qemu, topology, workdir, plan, iotlb, ROUND_TRIPS["vsmmu"])
-
-
-async def _run_qsd(qemu: Path, assets: GuestAssets, workdir: Path, initrd: Path,
-                   image: Path, append: str, plan: BenchPlan) -> list[dict[str, Any]]:
+async def _run_qsd(lab_args: dict[str, Any], image: Path, topology: Topology,
+                   plan: BenchPlan) -> list[dict[str, Any]]:
+    """qemu-storage-daemon's export of ``image``, plugged into a lab as a device of its
+    own (``qemu_args``)."""
     daemon = shutil.which(QSD)
     assert daemon is not None
+    workdir: Path = lab_args["workdir"]
+    workdir.mkdir(parents=True, exist_ok=True)
     socket = workdir / "qsd.sock"
     with open(workdir / "qsd.log", "wb") as log:
         proc = await asyncio.create_subprocess_exec(
@@ -220,9 +157,9 @@ async def _run_qsd(qemu: Path, assets: GuestAssets, workdir: Path, initrd: Path,
             if proc.returncode is not None or time.monotonic() > deadline:
                 raise GuestFailed(f"{QSD} did not listen (log {workdir / 'qsd.log'})")
             await asyncio.sleep(0.05)
-        topology = Topology(kernel=assets.kernel, initrd=initrd, append=append, iommu="smmuv3",
-                            devices=[QsdBlkPci(socket=socket)])
-        return await _boot(qemu, topology, workdir, plan)
+        async with Lab(topology, qemu_args=QsdBlkPci(socket=socket).qemu_args(),
+                       **lab_args) as lab:
+            return await run_tests(lab, plan)
     finally:
         if proc.returncode is None:
             proc.terminate()
@@ -233,8 +170,16 @@ async def _run_qsd(qemu: Path, assets: GuestAssets, workdir: Path, initrd: Path,
                 await proc.wait()
 
 
-RUNNERS = {"pv": _run_pv, "vsmmu": _run_vsmmu, "builtin": _run_builtin,
-           "smmuv3-builtin": _run_smmuv3_builtin, "qsd": _run_qsd}
+async def run_cell(path: str, qemu: Path, assets: GuestAssets, workdir: Path, image: Path,
+                   strict: bool, plan: BenchPlan, trace: Path | None = None
+                   ) -> list[dict[str, Any]]:
+    """Boots one guest of ``path`` and runs the plan's tests in it."""
+    topology = cell_topology(path, image, strict)
+    lab_args: dict[str, Any] = {"workdir": workdir, "qemu": qemu, "assets": assets}
+    if path == "qsd":
+        return await _run_qsd(lab_args, image, topology, plan)
+    async with Lab(topology, trace=trace if path in ROUND_TRIPS else None, **lab_args) as lab:
+        return await run_tests(lab, plan, ROUND_TRIPS.get(path, ()))
 
 
 def available_paths(paths: tuple[str, ...]) -> tuple[tuple[str, ...], dict[str, str]]:
@@ -300,16 +245,16 @@ def summarize(samples: dict[tuple[str, str, str, int], list[float]],
 
 
 async def run(qemu: Path, assets: GuestAssets, workdir: Path, plan: BenchPlan | None = None,
-              progress: Any = None) -> dict[str, Any]:
-    """Runs every round and returns the raw samples and the table of medians."""
+              progress: Any = None, trace: Path | None = None) -> dict[str, Any]:
+    """Runs every round and returns the raw samples and the table of medians; with
+    ``trace``, each cell of a backend's path writes its timeline beside it
+    (FILE-rROUND-MODE-PATH.json)."""
     plan = plan or BenchPlan()
     paths, skipped = available_paths(plan.paths)
     if progress is not None:
         for path, why in skipped.items():
             progress(f"path {path} left out: {why}")
     workdir.mkdir(parents=True, exist_ok=True)
-    initrd = workdir / "initramfs.cpio.gz"
-    _initramfs(initrd, assets, plan)
     image = workdir / "disk.img"
     with open(image, "wb") as fh:
         fh.truncate(plan.image_bytes)
@@ -317,12 +262,13 @@ async def run(qemu: Path, assets: GuestAssets, workdir: Path, plan: BenchPlan | 
     loads: dict[tuple[str, str, str, int], list[dict[str, Any]]] = {}
     t0 = time.monotonic()
     for rnd in range(plan.rounds):
-        for mode, arg in IOMMU_MODES.items():
+        for mode in IOMMU_MODES:
             for path in rotate(paths, rnd):
                 cell = workdir / f"r{rnd}-{mode}-{path}"
-                cell.mkdir(exist_ok=True)
-                append = f"console=ttyAMA0 panic=-1 quiet {arg}"
-                results = await RUNNERS[path](qemu, assets, cell, initrd, image, append, plan)
+                cell_trace = (trace.with_name(f"{trace.stem}-r{rnd}-{mode}-{path}{trace.suffix}")
+                              if trace is not None else None)
+                results = await run_cell(path, qemu, assets, cell, image, mode == "strict",
+                                         plan, cell_trace)
                 for r in results:
                     key = (path, mode, r["op"], r["bs"])
                     samples.setdefault(key, []).append(r["mib_s"])
