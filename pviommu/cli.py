@@ -519,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(name)s: %(message)s")
     try:
-        return args.func(args)
+        return int(args.func(args))
     except (provision.ProvisionError, QemuError, GuestFailed, GuestTimeout, LabError,
             TopologyError) as exc:
         print(f"pviommu: error: {exc}", file=sys.stderr)

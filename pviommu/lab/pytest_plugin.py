@@ -20,6 +20,7 @@ tests must run in its event loop (``asyncio_mode = "auto"``, or
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,7 @@ import pytest
 from .lab import Lab
 from .topology import Topology
 
-try:
-    import pytest_asyncio
-except ImportError:  # pragma: no cover - a usage error, said at collection
-    pytest_asyncio = None  # type: ignore[assignment]
+HAVE_PYTEST_ASYNCIO = importlib.util.find_spec("pytest_asyncio") is not None
 
 MakeLab = Callable[..., Awaitable[Lab]]
 _FIXTURES = ("lab", "make_lab")
@@ -72,7 +70,8 @@ def _topology(spec: Topology | str | Path | None, base: Path) -> Topology | None
     return Topology.from_toml(path if path.is_absolute() else base / path)
 
 
-if pytest_asyncio is not None:
+if HAVE_PYTEST_ASYNCIO:
+    import pytest_asyncio
 
     @pytest_asyncio.fixture
     async def make_lab(request: pytest.FixtureRequest) -> AsyncIterator[MakeLab]:

@@ -457,7 +457,7 @@ def _size(value: Any, key: str) -> int:
             return parse_size(value)
         except ValueError as e:
             raise TopologyError(key, str(e)) from None
-    return _typed(value, key, int, 'a number of bytes or a string like "64M"')
+    return int(_typed(value, key, int, 'a number of bytes or a string like "64M"'))
 
 
 def _wide_int(value: Any, key: str) -> int:

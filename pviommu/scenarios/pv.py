@@ -12,7 +12,6 @@ of the disk while the guest reads it, and checks what the guest and QMP saw.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from ..lab import Endpoint, Iommu, Lab
 from ..lab import Topology as LabTopology
 from ..lab.faults import pv_faults
 from ..lab.state import pv_state, query
-from ..machine.console import Console, GuestFailed, Marker
+from ..machine.console import GuestFailed
 from ..machine.dtb import add_pci_iommu
 from ..machine.guest_image import build_initramfs
 from ..machine.guestlog import guest_io_errors
@@ -145,27 +144,6 @@ async def backend_qmp(path: Path) -> tuple[QMPClient, EventListener]:
     client.register_listener(listener)
     await client.connect(str(path))
     return client, listener
-
-
-async def wait_step(console: Console, resets: EventListener, name: str, timeout: float
-                    ) -> Marker:
-    """Waits for the guest's marker ``name``, or fails at once if a device of the
-    backend announces it needs a reset (DEVICE_NEEDS_RESET on ``resets``): the
-    guest's driver would then wait for that device until ``timeout``."""
-    marker = asyncio.ensure_future(console.wait_marker(name, timeout))
-    reset = asyncio.ensure_future(resets.get())
-    try:
-        await asyncio.wait({marker, reset}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (marker, reset):
-            task.cancel()
-    if reset.done() and not reset.cancelled():
-        data = reset.result().get("data", {})
-        what = (f"{data.get('kind')} endpoint {data['endpoint']:#x}" if "endpoint" in data
-                else "the PV-IOMMU")
-        raise GuestFailed(f"{what} needs a reset (queue {data.get('queue')}: "
-                          f"{data.get('reason')}) while waiting for the guest's {name}")
-    return marker.result()
 
 
 async def run(qemu: Path, assets: GuestAssets, workdir: Path,

@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import shlex
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from qemu.qmp import EventListener
 
 from ..lab import ExtraFile, Lab
-from ..machine.console import GuestFailed, Marker
+from ..machine.console import Console, GuestFailed, Marker
 from ..machine.guest_image import scenario_path
 from ..qmp.viommu import EVENT_NEEDS_RESET
 from ..resources import repo_path
@@ -59,23 +59,9 @@ class ScenarioRun:
     async def step(self, marker: str, timeout: float) -> Marker:
         """Waits for the scenario's ``marker``; GuestFailed if the scenario failed, the
         guest died or a backend device needs a reset first."""
-        console = self.lab.console
-        waiting = asyncio.ensure_future(console.wait_marker(marker, timeout))
         if self.resets is None:
-            return await waiting
-        reset = asyncio.ensure_future(self.resets.get())
-        try:
-            await asyncio.wait({waiting, reset}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (waiting, reset):
-                task.cancel()
-        if reset.done() and not reset.cancelled():
-            data = reset.result().get("data", {})
-            what = (f"{data.get('kind')} endpoint {data['endpoint']:#x}" if "endpoint" in data
-                    else "the PV-IOMMU")
-            raise GuestFailed(f"{what} needs a reset (queue {data.get('queue')}: "
-                              f"{data.get('reason')}) while waiting for the guest's {marker}")
-        return waiting.result()
+            return await self.lab.console.wait_marker(marker, timeout)
+        return await wait_step(self.lab.console, self.resets, marker, timeout)
 
     async def go_ahead(self) -> None:
         """Lets a scenario that holds (HOLD_WAIT) go on."""
@@ -85,3 +71,24 @@ class ScenarioRun:
         """The scenario's FAIL reason, if it failed."""
         failed = self.lab.console.find("FAIL")
         return failed.fields.get("reason", "?") if failed is not None else None
+
+
+async def wait_step(console: Console, resets: EventListener, name: str, timeout: float
+                    ) -> Marker:
+    """Waits for the guest's marker ``name``, or fails at once if a device of the
+    backend announces it needs a reset (DEVICE_NEEDS_RESET on ``resets``): the
+    guest's driver would then wait for that device until ``timeout``."""
+    marker = asyncio.ensure_future(console.wait_marker(name, timeout))
+    reset = asyncio.ensure_future(resets.get())
+    try:
+        await asyncio.wait({marker, reset}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (marker, reset):
+            task.cancel()
+    if reset.done() and not reset.cancelled():
+        data = cast(dict[str, Any], reset.result().get("data", {}))
+        what = (f"{data.get('kind')} endpoint {data['endpoint']:#x}" if "endpoint" in data
+                else "the PV-IOMMU")
+        raise GuestFailed(f"{what} needs a reset (queue {data.get('queue')}: "
+                          f"{data.get('reason')}) while waiting for the guest's {name}")
+    return marker.result()

@@ -13,6 +13,7 @@ from pviommu.machine.topology import pci_name
 from pviommu.qmp.viommu import EVENT_FAULT, EVENT_REVOKED
 from pviommu.scenarios import pv
 from pviommu.scenarios.dma import DmaPlan, blk_checks, make_image
+from pviommu.scenarios.runner import wait_step
 
 pytestmark = pytest.mark.e2e
 
@@ -58,7 +59,7 @@ async def test_a_rogue_dma_is_a_real_fault_in_the_guest_and_io_carries_on(qemu, 
             async with vm:
                 console = vm.console
                 await console.wait_marker("BOOTED", opts.boot_timeout)
-                await pv.wait_step(console, resets, "READY", opts.step_timeout)
+                await wait_step(console, resets, "READY", opts.step_timeout)
                 [ep] = [e for e in await client.execute("query-viommu-endpoints")
                         if e["id"] == blk]
                 assert ep["attached"] and not ep["bypass"]
@@ -78,7 +79,7 @@ async def test_a_rogue_dma_is_a_real_fault_in_the_guest_and_io_carries_on(qemu, 
                 assert await _event(events, EVENT_FAULT) == {
                     "endpoint": blk, "address": ROGUE, "access": "read",
                     "reason": "mapping", "delivered": True}
-                await pv.wait_step(console, resets, "FAULT_SEEN", opts.step_timeout)
+                await wait_step(console, resets, "FAULT_SEEN", opts.step_timeout)
 
                 # a rogue read of what the guest did map (its rings): the bytes there
                 readable = next(m for m in mappings if m["read"])
@@ -93,8 +94,8 @@ async def test_a_rogue_dma_is_a_real_fault_in_the_guest_and_io_carries_on(qemu, 
                 await client.execute("revoke-mapping", {"endpoint": blk, "min-size": 4096,
                                                         "access": "write"})
                 await _event(events, EVENT_REVOKED)
-                await pv.wait_step(console, resets, "IO_RECOVERED", opts.step_timeout)
-                await pv.wait_step(console, resets, "DONE", opts.step_timeout)
+                await wait_step(console, resets, "IO_RECOVERED", opts.step_timeout)
+                await wait_step(console, resets, "DONE", opts.step_timeout)
                 assert await vm.wait_exit(opts.step_timeout) == 0
             stats = await client.execute("query-viommu-stats")
             [disk, _rng] = await client.execute("query-endpoint-devices")
