@@ -9,7 +9,7 @@ from qemu.qmp.message import Message
 
 from pviommu.backend import EVENT_NEEDS_RESET
 from pviommu.machine.console import Console, GuestFailed
-from pviommu.scenarios.pv import wait_step
+from pviommu.scenarios.runner import wait_step
 
 
 def _console():
