@@ -240,3 +240,18 @@ async def test_the_vsmmu_path_as_written(qemu, assets, tmp_path):
         status = _stop_serve(serve)
     assert status == 0, (tmp_path / "serve.log").read_text()
     assert not any((tmp_path / s).exists() for s in VSMMU_SOCKETS)
+
+
+OWN_TEST = re.compile(r"<!-- readme-test: own-test -->\s*\n```python\n(.*?)\n```", re.DOTALL)
+
+
+def test_write_your_own_test_passes_as_written(tmp_path):
+    """The README's "Write your own test" example, in a directory of its own (no
+    project configuration: the plugin comes from the installed package), passes."""
+    [source] = OWN_TEST.findall(repo_path("README.md").read_text())
+    (tmp_path / "test_mine.py").write_text(source + "\n")
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "test_mine.py"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "1 passed" in out.stdout
