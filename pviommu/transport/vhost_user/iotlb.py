@@ -10,9 +10,12 @@ translations here:
   acks the MISS: 0 when it sent the entry, 1 when the guest's tables refuse
   the access, which raises :class:`IotlbMissRefused` (a guest stage-1 fault);
 - an UPDATE's ``uaddr`` is the front-end's virtual address, converted to a
-  guest-physical address through the memory table; its ``perm`` is not
-  trusted (QEMU always says RW): an entry keeps the access type the back-end
-  asked for, and an UPDATE no MISS asked for is acknowledged but not cached;
+  guest-physical address through the memory table; its ``perm`` is the guest's
+  stage-1 permission of the page (QEMU's SMMUv3 reports the table entry's, and
+  ``vhost_device_iotlb_miss`` forwards it): an entry keeps what ``perm`` grants,
+  so a read-write page asked for reading also serves the request's later write
+  (never more than ``perm`` said), and an UPDATE no MISS asked for is
+  acknowledged but not cached;
 - INVALIDATE drops every entry that overlaps its range (size 0: everything);
 - the front-end sends no INVALIDATE once the device stops, so the owner
   clears the IOTLB on stop, reset, new memory table and disconnect.
@@ -82,7 +85,7 @@ class IotlbEntry:
     iova: int
     size: int
     gpa: int
-    access: int  # Access bits, as asked for
+    access: int  # Access bits, as the UPDATE's perm granted them
 
     @property
     def end(self) -> int:
@@ -340,14 +343,13 @@ class DeviceIotlb:
             self.stats["iotlb_update_unsolicited"] += 1
             log.debug("IOTLB UPDATE %#x+%#x no MISS asked for: not cached", iova, size)
             return gpa
-        asked = 0
+        perm = int(perm)
+        useful = 0
         for m in answered:
-            asked |= m.access
-        granted = asked & perm
-        for m in answered:
-            m.granted |= granted & m.access
-        if granted:
-            self._insert(IotlbEntry(iova, size, gpa, granted))
+            m.granted |= perm & m.access
+            useful |= perm & m.access
+        if useful:  # one that grants nothing asked is the frontend's error: nothing kept
+            self._insert(IotlbEntry(iova, size, gpa, perm))
         return gpa
 
     def _insert(self, entry: IotlbEntry) -> None:
