@@ -34,9 +34,11 @@ from .machine.guest_image import (
 from .machine.modules import ModuleError
 from .machine.qemu import QemuError
 from .machine.topology import pci_name
+from .microbench.__main__ import main as microbench_main
 from .qmp.server import MAX_CLIENTS as QMP_MAX_CLIENTS
 from .report import format_report
-from .scenarios import bench, dma, pv, vsmmu
+from .scenarios import bench, bench_report, dma, pv, vsmmu
+from .scenarios.workloads import BY_NAME
 from .transport.unix_socket import SocketPathError, resolve_group
 from .transport.vfio_user.protocol import MAX_DMA_MAPS
 from .transport.vfio_user.server import DEFAULT_MAX_DMA_MAPS
@@ -133,11 +135,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if unknown or not args.paths:
         print(f"pviommu: error: --paths takes some of {','.join(bench.PATHS)}", file=sys.stderr)
         return 2
+    unknown = [w for w in args.workloads if w not in BY_NAME]
+    if unknown or not args.workloads:
+        print(f"pviommu: error: --workloads takes some of {','.join(BY_NAME)}", file=sys.stderr)
+        return 2
+    if args.runtime <= 0:
+        print("pviommu: error: --runtime must be positive", file=sys.stderr)
+        return 2
     qemu, assets = provision.setup(args.kernel, args.modules)
     workdir = args.workdir or provision.cache_dir() / "runs" / "bench"
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
-    plan = bench.BenchPlan(rounds=args.rounds, paths=tuple(args.paths))
+    plan = bench.BenchPlan(rounds=args.rounds, paths=tuple(args.paths), runtime=args.runtime,
+                           workloads=tuple(BY_NAME[w] for w in args.workloads))
     print(f"pviommu: benchmark, {plan.rounds} round(s) of "
           f"{len(plan.paths) * len(bench.IOMMU_MODES)} guests (logs in {workdir})",
           file=sys.stderr)
@@ -147,11 +157,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(bench.markdown(result))
-        print()
-        print(bench.markdown_references(result))
-        print()
-        print(bench.markdown_samples(result))
+        for table in (bench_report.markdown, bench_report.markdown_references,
+                      bench_report.markdown_latency, bench_report.markdown_samples):
+            print(table(result))
+            print()
     return 0
 
 
@@ -472,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_iommu_options(p)
     p.set_defaults(func=cmd_demo)
 
+    sub.add_parser("microbench", help="measure the backend alone against this machine's "
+                   "wake-up floor (BENCHMARKS.md); `pviommu microbench --help` for its options")
+
     p = sub.add_parser("shell", help="boot a lab (a topology file, docs/LAB.md) and hand "
                                      "over the guest's console")
     add_lab_options(p)
@@ -487,12 +499,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="measure guest disk throughput through the PV and vSMMU "
                                      "paths against QEMU's built-in virtio-iommu + virtio-blk")
-    p.add_argument("--rounds", type=int, default=7,
+    p.add_argument("--rounds", type=int, default=bench.BenchPlan.rounds,
                    help="guests per cell; the table shows medians (default %(default)s)")
     p.add_argument("--paths", type=lambda s: [x for x in s.split(",") if x],
                    default=list(bench.PATHS),
                    help="comma-separated paths to measure (default: all of "
                         f"{','.join(bench.PATHS)}; qsd needs qemu-storage-daemon)")
+    p.add_argument("--workloads", type=lambda s: [x for x in s.split(",") if x],
+                   default=list(BY_NAME),
+                   help=f"comma-separated fio workloads (default: all of {','.join(BY_NAME)})")
+    p.add_argument("--runtime", type=float, default=bench.BenchPlan.runtime, metavar="SECONDS",
+                   help="seconds each fio job runs (default %(default)g)")
     p.add_argument("--json", action="store_true", help="print the raw samples as JSON")
     p.add_argument("--workdir", type=Path, help="where images and logs go "
                         "(default: CACHE/runs/bench, replaced each run)")
@@ -507,6 +524,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pviommu`` console script."""
     argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command == "microbench":  # its own parser: python -m pviommu.microbench
+        cut = argv.index("microbench")
+        return microbench_main(argv[cut + 1:])
     guest_command = None
     if "--" in argv:  # run's guest command, kept whole (argparse would mix it in)
         cut = argv.index("--")

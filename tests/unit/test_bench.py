@@ -2,84 +2,94 @@
 guests: ./run bench)."""
 
 from pviommu import cli
-from pviommu.scenarios import bench
+from pviommu.scenarios import bench, bench_report
+from pviommu.scenarios.workloads import BY_NAME, WORKLOADS, job_result
 
-MiB = 1 << 20
-TESTS = [("read", 4096, 8 * MiB), ("write", MiB, 256 * MiB)]
+QD1, BIG = BY_NAME["randread-4k-qd1"], BY_NAME["write-1m-huge"]
 
 
-def _load(total, **by_kind):
-    return {"round_trips_per_mib": total, "by_kind": by_kind}
+def _row(iops, mib_s, p50=100.0, p99=300.0, trips=None):
+    row = {"iops": iops, "mib_s": mib_s, "ios": 1000, "clat_p50_us": p50,
+           "clat_p99_us": p99}
+    if trips is not None:
+        row.update({"round_trips_per_io": trips, "by_kind": {"map": trips / 2}})
+    return row
 
 
 def _result():
     samples = {
-        ("pv", "strict", "read", 4096): [3.9, 4.1, 2.0],
-        ("vsmmu", "strict", "read", 4096): [2.0, 2.5, 3.0],
-        ("builtin", "strict", "read", 4096): [10.4, 10.0, 11.0],
-        ("qsd", "strict", "read", 4096): [20.0, 20.0, 20.0],
-        ("pv", "lazy", "write", MiB): [90.0, 80.0, 100.0],
-        ("builtin", "lazy", "write", MiB): [100.0],
+        ("pv", "strict", QD1.name): [_row(400, 1.6, trips=8.0)] * 2 + [_row(200, 0.8, trips=8.0)],
+        ("vsmmu", "strict", QD1.name): [_row(x, x / 256, trips=12.0) for x in (200, 250, 300)],
+        ("builtin", "strict", QD1.name): [_row(x, x / 256) for x in (1000, 1100, 1040)],
+        ("qsd", "strict", QD1.name): [_row(2000, 7.8)] * 3,
+        ("pv", "lazy", BIG.name): [_row(90, x, trips=2.0) for x in (90.0, 80.0, 100.0)],
+        ("builtin", "lazy", BIG.name): [_row(100, 100.0)],
     }
-    loads = {
-        ("pv", "strict", "read", 4096): [_load(2048.0, MAP=1024.0, UNMAP=1024.0)] * 3,
-        ("vsmmu", "strict", "read", 4096): [
-            _load(x, iotlb_miss=x / 3, composed_hits=7.0) for x in (3000.0, 3100.0, 2900.0)],
-        ("pv", "lazy", "write", MiB): [_load(x) for x in (50.0, 500.0, 60.0)],
-    }
-    return {"table": bench.summarize(samples, loads, TESTS, bench.PATHS),
-            "paths": list(bench.PATHS)}
+    paths = bench.PATHS
+    return {"table": bench_report.summarize(samples, [QD1, BIG], paths), "paths": list(paths)}
 
 
-def test_summary_keeps_the_first_tables_keys_and_adds_every_path():
+def test_the_summary_takes_medians_ratios_and_round_trips_per_io():
     strict, lazy = _result()["table"]
-    assert (strict["iommu"], strict["op"], strict["bs"]) == ("strict", "read", 4096)
-    assert strict["pv_mib_s"] == 3.9 and strict["builtin_mib_s"] == 10.4
-    assert strict["ratio"] == round(3.9 / 10.4, 3)
-    assert strict["pv_samples"] == [3.9, 4.1, 2.0]
-    assert strict["pv_iommu_requests_per_mib"] == [2048.0] * 3
-    vsmmu = strict["paths"]["vsmmu"]
-    assert vsmmu["mib_s"] == 2.5 and vsmmu["ratio"] == round(2.5 / 10.4, 3)
-    assert vsmmu["round_trips"] == "miss+update+invalidate"
-    assert vsmmu["round_trips_per_mib"] == [3000.0, 3100.0, 2900.0]
-    assert vsmmu["by_kind"][0] == {"iotlb_miss": 1000.0, "composed_hits": 7.0}
+    assert (strict["iommu"], strict["workload"], strict["metric"]) == (
+        "strict", QD1.name, "iops")
+    pv = strict["paths"]["pv"]
+    assert pv["iops"] == 400 and pv["ratio"] == round(400 / 1040, 3)
+    assert pv["samples"] == [400, 400, 200] and pv["round_trips_per_io"] == [8.0] * 3
+    assert pv["round_trips"] == "MAP+UNMAP" and pv["clat_p99_us"] == 300.0
     assert "round_trips" not in strict["paths"]["builtin"]
     assert "smmuv3-builtin" not in strict["paths"]  # never measured: left out
-    assert strict["vsmmu_to_qsd"] == round(2.5 / 20.0, 3)
+    assert strict["vsmmu_to_qsd"] == round(250 / 2000, 3)
+    assert lazy["metric"] == "mib_s" and lazy["paths"]["pv"]["ratio"] == 0.9
     assert "vsmmu" not in lazy["paths"] and "vsmmu_to_qsd" not in lazy
 
 
-def test_a_row_without_the_anchor_has_no_ratio_and_no_first_table_keys():
-    table = bench.summarize({("vsmmu", "lazy", "read", 4096): [2.0]}, {}, TESTS, bench.PATHS)
-    assert table == [{"iommu": "lazy", "op": "read", "bs": 4096, "paths": {"vsmmu": {
-        "mib_s": 2.0, "samples": [2.0], "ratio": None,
-        "round_trips": "miss+update+invalidate",
-        "round_trips_per_mib": [], "by_kind": []}}}]
+def test_a_row_without_the_anchor_has_no_ratio():
+    [row] = bench_report.summarize({("vsmmu", "lazy", QD1.name): [_row(5, 0.1, trips=3.0)]},
+                                   [QD1], bench.PATHS)
+    assert row["paths"]["vsmmu"]["ratio"] is None
 
 
-def test_round_trips_per_mib_sum_only_the_paths_round_trips():
-    got = bench.per_mib({"miss": 10, "update": 10, "invalidate": 4,
-                         "composed_hits": 100}, bench.ROUND_TRIPS["vsmmu"], 2.0)
-    assert got["round_trips_per_mib"] == 12.0
+def test_round_trips_per_io_sum_only_the_paths_round_trips():
+    got = bench.per_io({"miss": 10, "update": 10, "invalidate": 4, "composed_hits": 100},
+                       bench.ROUND_TRIPS["vsmmu"], 2)
+    assert got["round_trips_per_io"] == 12.0
     assert got["by_kind"]["composed_hits"] == 50.0
 
 
-def test_the_three_way_table():
-    lines = bench.markdown(_result()).splitlines()
-    assert lines[0].startswith("| IOMMU | op | block | PV MiB/s | vSMMU MiB/s | built-in MiB/s")
-    assert lines[2] == ("| strict | read | 4 KiB | 3.9 | 2.5 | 10.4 | 0.38 (below 0.8) "
-                        "| 0.24 (below 0.8) | 2048 (2048-2048) | 3000 (2900-3100) |")
-    assert lines[3] == "| lazy | write | 1 MiB | 90.0 | - | 100.0 | 0.90 | - | 60 (50-500) | - |"
+def test_the_tables():
+    result = _result()
+    lines = bench_report.markdown(result).splitlines()
+    assert lines[0].startswith("| IOMMU | workload | unit | PV | vSMMU | built-in")
+    assert lines[2] == (f"| strict | {QD1.name} | IOPS | 400 | 250 | 1040 | 0.39 | 0.24 "
+                        "| 8.0 (8.0-8.0) | 12.0 (12.0-12.0) |")
+    assert lines[3] == (f"| lazy | {BIG.name} | MiB/s | 90.0 | - | 100.0 | 0.90 | - "
+                        "| 2.0 (2.0-2.0) | - |")
+    refs = bench_report.markdown_references(result).splitlines()
+    assert refs[2] == f"| strict | {QD1.name} | IOPS | 250 | - | 2000 | 0.12 |"
+    latency = bench_report.markdown_latency(result).splitlines()
+    assert latency[2].startswith(f"| strict | {QD1.name} | 100 / 300 | 100 / 300 | 100 / 300 "
+                                 "| - |")
+    rows = bench_report.markdown_samples(result).splitlines()
+    assert rows[2] == (f"| strict | {QD1.name} | 400, 400, 200 | 200, 250, 300 "
+                       "| 1000, 1100, 1040 | - | 2000, 2000, 2000 | 8.0, 8.0, 8.0 "
+                       "| 12, 12, 12 |")
+    assert "--iomem=shmhuge" in bench_report.workload_table()
 
 
-def test_the_reference_table_and_the_samples():
-    refs = bench.markdown_references(_result()).splitlines()
-    assert refs[2] == "| strict | read | 4 KiB | 2.5 | - | 20.0 | 0.12 |"
-    rows = bench.markdown_samples(_result()).splitlines()
-    assert rows[0] == ("| IOMMU | op | block | pv | vsmmu | builtin | smmuv3-builtin | qsd "
-                       "| PV MAP+UNMAP per MiB | vSMMU MISS+UPDATE+INVALIDATE per MiB |")
-    assert rows[2] == ("| strict | read | 4 KiB | 3.9, 4.1, 2.0 | 2.0, 2.5, 3.0 "
-                       "| 10, 10, 11 | - | 20, 20, 20 | 2048, 2048, 2048 | 3000, 3100, 2900 |")
+def test_a_fio_report_gives_iops_bandwidth_and_latency():
+    report = ('fio: some warning\n{"jobs": [{"read": {"iops": 250.5, "bw_bytes": 1048576, '
+              '"total_ios": 500, "clat_ns": {"percentile": {"50.000000": 1500, '
+              '"90.000000": 2500, "99.000000": 9000}}}, "write": {"total_ios": 0}}]}')
+    assert job_result(report) == {"iops": 250.5, "mib_s": 1.0, "ios": 500,
+                                  "clat_p50_us": 1.5, "clat_p90_us": 2.5, "clat_p99_us": 9.0}
+
+
+def test_every_workload_is_a_direct_libaio_fio_job():
+    for w in WORKLOADS:
+        cmd = w.command(3, 1 << 28)
+        assert cmd.startswith("fio ") and "--direct=1" in cmd and "--ioengine=libaio" in cmd
+        assert ("--iomem=shmhuge" in cmd) == w.huge and "--output-format=json" in cmd
 
 
 def test_every_path_leads_a_round_in_turn():
@@ -107,3 +117,9 @@ def test_paths_must_be_known(capsys):
     assert "--paths" in capsys.readouterr().err
     assert cli.build_parser().parse_args(["bench", "--paths", "vsmmu,qsd"]).paths == [
         "vsmmu", "qsd"]
+
+
+def test_workloads_must_be_known(capsys):
+    args = cli.build_parser().parse_args(["bench", "--workloads", "randread-4k-qd1,nope"])
+    assert args.func(args) == 2
+    assert "--workloads" in capsys.readouterr().err
