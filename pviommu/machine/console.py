@@ -119,14 +119,7 @@ class Console:
                 return result
             if (f := self.find("FAIL")) is not None:
                 raise GuestFailed(f"guest scenario failed: {f.fields.get('reason', '?')}")
-            if self.closed:
-                raise GuestFailed(f"QEMU exited before the guest printed {what}")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise GuestTimeout(f"no {what} from the guest within {timeout:.0f}s")
-            self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), left)
+            await self._changes(deadline, what, timeout)
 
     async def wait_marker(self, name: str, timeout: float) -> Marker:
         """Waits for the marker ``name``."""
@@ -152,19 +145,19 @@ class Console:
                 if m := pattern.search(self.lines[index]):
                     return index, m
                 index += 1
-            if self.closed:
-                raise GuestFailed(f"QEMU exited before the guest printed {what}")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise GuestTimeout(f"no {what} from the guest within {timeout:g}s")
-            self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), left)
+            await self._changes(deadline, what, timeout)
 
-    def partial(self) -> str:
-        """What the console printed after its last complete line (e.g. a prompt)."""
-        buffer = self.child.buffer if isinstance(self.child.buffer, str) else ""
-        return buffer.replace("\r", "")
+    async def _changes(self, deadline: float, what: str, timeout: float) -> None:
+        """Waits until the console changes; GuestFailed if QEMU closed it, GuestTimeout
+        past ``deadline`` (the wait for ``what`` took ``timeout`` seconds)."""
+        if self.closed:
+            raise GuestFailed(f"QEMU exited before the guest printed {what}")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise GuestTimeout(f"no {what} from the guest within {timeout:g}s")
+        self._changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), left)
 
     def tail(self, n: int = 20) -> str:
         """The last ``n`` lines of the console."""
