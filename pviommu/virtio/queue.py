@@ -18,9 +18,8 @@ from __future__ import annotations
 import contextlib
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
-from ..dma import Access, DmaSpace, TranslationMiss, viewable
+from ..dma import Access, DmaSpace, TranslationMiss, ViewableDma, viewable
 
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
@@ -39,23 +38,38 @@ class VirtqueueError(Exception):
     """The driver broke the virtqueue rules; the device needs a reset."""
 
 
-@dataclass
 class Chain:
-    """One descriptor chain: device-readable then device-writable buffers."""
+    """One descriptor chain: device-readable then device-writable buffers.
 
-    head: int
-    readable: list[tuple[int, int]] = field(default_factory=list)
-    writable: list[tuple[int, int]] = field(default_factory=list)
+    The byte totals are computed once, when the chain is built: a chain is not
+    changed afterwards.
+    """
 
-    @property
-    def readable_len(self) -> int:
+    __slots__ = ("head", "readable", "readable_len", "writable", "writable_len")
+
+    def __init__(self, head: int, readable: list[tuple[int, int]] | None = None,
+                 writable: list[tuple[int, int]] | None = None,
+                 readable_len: int | None = None, writable_len: int | None = None) -> None:
+        self.head = head
+        self.readable: list[tuple[int, int]] = [] if readable is None else readable
+        self.writable: list[tuple[int, int]] = [] if writable is None else writable
+        self.readable_len = (sum(n for _, n in self.readable) if readable_len is None
+                             else readable_len)
         """Total bytes the device may read."""
-        return sum(n for _, n in self.readable)
-
-    @property
-    def writable_len(self) -> int:
+        self.writable_len = (sum(n for _, n in self.writable) if writable_len is None
+                             else writable_len)
         """Total bytes the device may write."""
-        return sum(n for _, n in self.writable)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Chain):
+            return NotImplemented
+        return (self.head, self.readable, self.writable) == (
+            other.head, other.readable, other.writable)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable lists, like the dataclass it was
+
+    def __repr__(self) -> str:
+        return f"Chain(head={self.head}, readable={self.readable}, writable={self.writable})"
 
 
 def segments(segs: list[tuple[int, int]], offset: int, length: int
@@ -76,6 +90,14 @@ def segments(segs: list[tuple[int, int]], offset: int, length: int
 def gather(dma: DmaSpace, segs: list[tuple[int, int]], offset: int = 0,
            length: int | None = None) -> bytes:
     """Reads ``length`` bytes (default: all) starting ``offset`` bytes into ``segs``."""
+    if len(segs) == 1:  # the common case, without the generator
+        addr, total = segs[0]
+        if length is None:
+            length = max(total - offset, 0)
+        if offset + length > total:
+            raise VirtqueueError(
+                f"read of {length} bytes at {offset} beyond a {total}-byte buffer")
+        return dma.read(addr + offset, length) if length > 0 else b""
     total = sum(n for _, n in segs)
     if length is None:
         length = max(total - offset, 0)
@@ -87,6 +109,9 @@ def gather(dma: DmaSpace, segs: list[tuple[int, int]], offset: int = 0,
 def scatter(dma: DmaSpace, segs: list[tuple[int, int]], data: bytes | bytearray | memoryview,
             offset: int = 0) -> None:
     """Writes ``data`` starting ``offset`` bytes into ``segs``; it must fit."""
+    if len(segs) == 1 and offset == 0 and 0 < len(data) <= segs[0][1]:
+        dma.write(segs[0][0], data)  # the common case, without the generator
+        return
     total = sum(n for _, n in segs)
     if offset + len(data) > total:
         raise VirtqueueError(
@@ -108,7 +133,8 @@ class SplitQueue:
     (it changes whenever a translation it gave may have gone: memory removed,
     an UNMAP, a DETACH) and each ring resolves to one local view, the views are
     kept until the generation changes, like a device IOTLB; otherwise every
-    access is translated.
+    access is translated. Each operation checks the views once, then works on
+    them with precompiled structs.
     """
 
     def __init__(self, dma: DmaSpace, size: int, desc: int, avail: int, used: int, *,
@@ -119,11 +145,15 @@ class SplitQueue:
                                   ("used ring", used, 4)):
             if addr % align:
                 raise VirtqueueError(f"{name} address {addr:#x} is not {align}-byte aligned")
-        self.dma = dma
+        self._dma = dma
+        self._cacheable = hasattr(dma, "generation") and viewable(dma)
         self.size = size
-        self.desc = desc
-        self.avail = avail
-        self.used = used
+        self._mask = size - 1
+        self._desc = desc
+        self._avail = avail
+        self._used = used
+        self._avail_event = 4 + 8 * size  # offsets in the used and available rings
+        self._used_event = 4 + 2 * size
         self.event_idx = event_idx
         self.indirect = indirect
         self.next_avail = next_avail & 0xFFFF
@@ -134,10 +164,54 @@ class SplitQueue:
         with contextlib.suppress(TranslationMiss):  # else read on first use, from a
             self._load_used_idx()                   # context that can wait for the fill
 
+    # The DMA space and the ring addresses; changing one drops the cached views.
+
+    @property
+    def dma(self) -> DmaSpace:
+        """The DMA space the rings (and the buffers) live in."""
+        return self._dma
+
+    @dma.setter
+    def dma(self, dma: DmaSpace) -> None:
+        self._dma, self._rings = dma, None
+        self._cacheable = hasattr(dma, "generation") and viewable(dma)
+
+    @property
+    def desc(self) -> int:
+        """The descriptor table's address."""
+        return self._desc
+
+    @desc.setter
+    def desc(self, addr: int) -> None:
+        self._desc, self._rings = addr, None
+
+    @property
+    def avail(self) -> int:
+        """The available ring's address."""
+        return self._avail
+
+    @avail.setter
+    def avail(self, addr: int) -> None:
+        self._avail, self._rings = addr, None
+
+    @property
+    def used(self) -> int:
+        """The used ring's address."""
+        return self._used
+
+    @used.setter
+    def used(self, addr: int) -> None:
+        self._used, self._rings = addr, None
+
     def _load_used_idx(self) -> int:
         """The device's used index, read from the used ring the first time."""
         if self._used_idx is None:
-            self._used_idx = self._signalled_used = self._used_u16(2)
+            rings = self._views()
+            if rings is not None:
+                value: int = _U16.unpack_from(rings[2], 2)[0]
+            else:
+                value = int.from_bytes(self.dma.read(self._used + 2, 2), "little")
+            self._used_idx = self._signalled_used = value
         return self._used_idx
 
     @property
@@ -147,53 +221,32 @@ class SplitQueue:
 
     def _views(self) -> tuple[memoryview, memoryview, memoryview] | None:
         """The descriptor table, available and used rings as local views, if cacheable."""
-        generation = getattr(self.dma, "generation", None)
+        if not self._cacheable:
+            return None
+        dma: ViewableDma = self._dma  # type: ignore[assignment]  # checked by _cacheable
+        generation = dma.generation
         if generation is None:
             return None
-        key = (generation, self.desc, self.avail, self.used)
-        if self._rings is not None and key == self._rings_generation:
-            return self._rings
+        rings = self._rings
+        if rings is not None and generation == self._rings_generation:
+            return rings
         self._rings = None
-        dma = self.dma
-        if not viewable(dma):
-            return None
         try_view = dma.try_view
-        desc = try_view(self.desc, 16 * self.size, Access.READ)
-        avail = try_view(self.avail, 6 + 2 * self.size, Access.READ)
-        used = try_view(self.used, 6 + 8 * self.size, Access.READ | Access.WRITE)
+        desc = try_view(self._desc, 16 * self.size, Access.READ)
+        avail = try_view(self._avail, 6 + 2 * self.size, Access.READ)
+        used = try_view(self._used, 6 + 8 * self.size, Access.READ | Access.WRITE)
         if desc is None or avail is None or used is None:
             return None
-        self._rings = (desc, avail, used)
-        self._rings_generation = key
-        return self._rings
+        self._rings = rings = (desc, avail, used)
+        self._rings_generation = generation
+        return rings
 
     def _avail_u16(self, offset: int) -> int:
         rings = self._views()
         if rings is not None:
             value: int = _U16.unpack_from(rings[1], offset)[0]
             return value
-        return int.from_bytes(self.dma.read(self.avail + offset, 2), "little")
-
-    def _used_u16(self, offset: int) -> int:
-        rings = self._views()
-        if rings is not None:
-            value: int = _U16.unpack_from(rings[2], offset)[0]
-            return value
-        return int.from_bytes(self.dma.read(self.used + offset, 2), "little")
-
-    def _put_used(self, offset: int, data: bytes) -> None:
-        rings = self._views()
-        if rings is not None:
-            rings[2][offset:offset + len(data)] = data
-        else:
-            self.dma.write(self.used + offset, data)
-
-    def _descriptor(self, table: int, idx: int) -> tuple[int, int, int, int]:
-        if table == self.desc:
-            rings = self._views()
-            if rings is not None:
-                return _DESC.unpack_from(rings[0], 16 * idx)
-        return _DESC.unpack(self.dma.read(table + 16 * idx, 16))
+        return int.from_bytes(self.dma.read(self._avail + offset, 2), "little")
 
     def avail_idx(self) -> int:
         """The driver's available index as it is in memory now."""
@@ -208,38 +261,66 @@ class SplitQueue:
 
         With EVENT_IDX, an empty ring re-arms the driver's kick (avail_event).
         """
-        avail_idx = self.avail_idx()
-        if avail_idx == self.next_avail:
-            if not self.event_idx:
-                return None
-            self._put_used(4 + 8 * self.size, _U16.pack(self.next_avail))
-            avail_idx = self.avail_idx()
-            if avail_idx == self.next_avail:
-                return None
+        rings = self._views()
+        next_avail = self.next_avail
+        if rings is not None:
+            avail = rings[1]
+            avail_idx: int = _U16.unpack_from(avail, 2)[0]
+            if avail_idx == next_avail:
+                if not self.event_idx:
+                    return None
+                _U16.pack_into(rings[2], self._avail_event, next_avail)
+                avail_idx = _U16.unpack_from(avail, 2)[0]
+                if avail_idx == next_avail:
+                    return None
+            self._check_pending(avail_idx)
+            head: int = _U16.unpack_from(avail, 4 + 2 * (next_avail & self._mask))[0]
+            chain = self._walk(head, rings[0])
+        else:
+            read = self.dma.read
+            avail_idx = int.from_bytes(read(self._avail + 2, 2), "little")
+            if avail_idx == next_avail:
+                if not self.event_idx:
+                    return None
+                self.dma.write(self._used + self._avail_event, _U16.pack(next_avail))
+                avail_idx = int.from_bytes(read(self._avail + 2, 2), "little")
+                if avail_idx == next_avail:
+                    return None
+            self._check_pending(avail_idx)
+            head = int.from_bytes(read(self._avail + 4 + 2 * (next_avail & self._mask), 2),
+                                  "little")
+            chain = self._walk(head, None)
+        self.next_avail = (next_avail + 1) & 0xFFFF
+        return chain
+
+    def _check_pending(self, avail_idx: int) -> None:
         pending = (avail_idx - self.next_avail) & 0xFFFF
         if pending > self.size:
             raise VirtqueueError(
                 f"available index {avail_idx} is {pending} entries ahead of {self.next_avail}, "
                 f"more than the queue size {self.size}")
-        head = self._avail_u16(4 + 2 * (self.next_avail % self.size))
-        chain = self._walk(head)
-        self.next_avail = (self.next_avail + 1) & 0xFFFF
-        return chain
 
-    def _walk(self, head: int) -> Chain:
+    def _walk(self, head: int, descs: memoryview | None) -> Chain:
+        """The chain at ``head``; ``descs`` is the descriptor table's view, if cached."""
         if head >= self.size:
             raise VirtqueueError(f"chain head {head} outside a queue of {self.size}")
-        chain = Chain(head)
-        table, count, idx = self.desc, self.size, head
+        readable: list[tuple[int, int]] = []
+        writable: list[tuple[int, int]] = []
+        readable_len = writable_len = 0
+        table, count, idx = self._desc, self.size, head
+        view = descs
+        unpack_from = _DESC.unpack_from
         in_indirect = False
         seen = 0
-        total = 0
         while True:
             seen += 1
             if seen > count:
                 raise VirtqueueError(f"descriptor chain from {head} is longer than its table "
                                      f"({count} entries): a loop")
-            addr, length, flags, nxt = self._descriptor(table, idx)
+            if view is not None:
+                addr, length, flags, nxt = unpack_from(view, 16 * idx)
+            else:
+                addr, length, flags, nxt = _DESC.unpack(self.dma.read(table + 16 * idx, 16))
             if flags & DESC_F_INDIRECT:
                 if not self.indirect:
                     raise VirtqueueError("indirect descriptor but INDIRECT_DESC not negotiated")
@@ -249,24 +330,26 @@ class SplitQueue:
                     raise VirtqueueError("descriptor has both INDIRECT and NEXT")
                 if length == 0 or length % 16 or length // 16 > MAX_QUEUE_SIZE:
                     raise VirtqueueError(f"indirect table length {length} is invalid")
-                if chain.readable or chain.writable:
+                if readable or writable:
                     raise VirtqueueError("indirect descriptor after direct descriptors")
                 table, count, idx = addr, length // 16, 0
+                view = None
                 in_indirect = True
                 seen = 0
                 continue
-            total += length
-            if total > MAX_CHAIN_BYTES:
-                raise VirtqueueError(f"descriptor chain from {head} exceeds 4 GiB")
             if flags & DESC_F_WRITE:
-                chain.writable.append((addr, length))
-            elif chain.writable:
+                writable.append((addr, length))
+                writable_len += length
+            elif writable:
                 raise VirtqueueError(
                     f"device-readable descriptor after a device-writable one in chain {head}")
             else:
-                chain.readable.append((addr, length))
+                readable.append((addr, length))
+                readable_len += length
+            if readable_len + writable_len > MAX_CHAIN_BYTES:
+                raise VirtqueueError(f"descriptor chain from {head} exceeds 4 GiB")
             if not flags & DESC_F_NEXT:
-                return chain
+                return Chain(head, readable, writable, readable_len, writable_len)
             if nxt >= count:
                 raise VirtqueueError(f"next descriptor {nxt} outside a table of {count}")
             idx = nxt
@@ -274,21 +357,32 @@ class SplitQueue:
     def push(self, chain: Chain | int, written: int) -> None:
         """Returns a chain to the driver, saying ``written`` bytes were written."""
         head = chain.head if isinstance(chain, Chain) else chain
-        used_idx = self._load_used_idx()
-        self._put_used(4 + 8 * (used_idx % self.size), _USED_ELEM.pack(head, written))
-        used_idx = (used_idx + 1) & 0xFFFF
-        # x86-64 keeps stores in order, so the element is visible before the index.
-        self._put_used(2, _U16.pack(used_idx))
-        self._used_idx = used_idx  # only now: a miss above leaves a push to redo whole
+        used_idx = self._used_idx
+        if used_idx is None:
+            used_idx = self._load_used_idx()
+        rings = self._views()
+        nxt = (used_idx + 1) & 0xFFFF
+        if rings is not None:
+            used = rings[2]
+            _USED_ELEM.pack_into(used, 4 + 8 * (used_idx & self._mask), head, written)
+            # x86-64 keeps stores in order, so the element is visible before the index.
+            _U16.pack_into(used, 2, nxt)
+        else:
+            self.dma.write(self._used + 4 + 8 * (used_idx & self._mask),
+                           _USED_ELEM.pack(head, written))
+            self.dma.write(self._used + 2, _U16.pack(nxt))
+        self._used_idx = nxt  # only now: a miss above leaves a push to redo whole
 
     def needs_interrupt(self) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last one."""
-        new = self._load_used_idx()
+        new = self._used_idx
+        if new is None:
+            new = self._load_used_idx()
         old = self._signalled_used
         if old == new:
             return False
         if self.event_idx:
-            used_event = self._avail_u16(4 + 2 * self.size)
+            used_event = self._avail_u16(self._used_event)
             self._signalled_used = new
             return (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
         flags = self._avail_u16(0)
