@@ -64,6 +64,18 @@ class RequestType(enum.IntEnum):
 _READABLE = {RequestType.ATTACH: _ATTACH.size, RequestType.DETACH: _DETACH.size,
              RequestType.MAP: _MAP.size, RequestType.UNMAP: _UNMAP.size,
              RequestType.PROBE: _PROBE.size}
+_MAX_READABLE = max(_READABLE.values())
+
+# Hot-path lookups: enum construction and ``.name`` cost more than the request's parsing.
+_TYPES = {int(t): t for t in RequestType}
+_TYPE_NAMES = {t: t.name for t in RequestType}
+_STATUS_NAMES = {s: s.name for s in Status}
+_TAILS = {s: bytes([s, 0, 0, 0]) for s in Status}
+_OK = Status.OK
+_ATTACH_CODE, _DETACH_CODE, _MAP_CODE, _UNMAP_CODE = (
+    int(RequestType.ATTACH), int(RequestType.DETACH), int(RequestType.MAP),
+    int(RequestType.UNMAP))
+_PROBE_CODE = int(RequestType.PROBE)
 
 
 # virtio-iommu fault record reasons (VIRTIO_IOMMU_FAULT_R_*); the PV-IOMMU reports
@@ -206,49 +218,64 @@ class VirtioIommu(VirtioDevice):
 
     def _request(self, dma: DmaSpace, chain: Chain) -> int:
         """Executes one request; returns the number of bytes written."""
-        if chain.readable_len < 4 or chain.writable_len < TAIL_SIZE:
+        readable_len, writable_len = chain.readable_len, chain.writable_len
+        if readable_len < 4 or writable_len < TAIL_SIZE:
             log.warning("request without a head or a tail (%d readable, %d writable bytes)",
-                        chain.readable_len, chain.writable_len)
+                        readable_len, writable_len)
             self.requests[("MALFORMED", "NONE")] += 1
             return 0
+        # One read for the head and the body; if it fails, the head and then the
+        # body are read apart below, for the status and the log line they each get.
+        data: bytes | None
         try:
-            code = gather(dma, chain.readable, 0, 1)[0]
-        except DMA_ERRORS as e:
-            log.error("request head cannot be read: %s", e)
-            return self._complete(dma, chain, "UNREADABLE", Status.IOERR)
-        try:
-            rtype = RequestType(code)
-        except ValueError:
+            data = gather(dma, chain.readable, 0, min(readable_len, _MAX_READABLE))
+        except DMA_ERRORS:
+            data = None
+        if data is not None:
+            code = data[0]
+        else:
+            try:
+                code = gather(dma, chain.readable, 0, 1)[0]
+            except DMA_ERRORS as e:
+                log.error("request head cannot be read: %s", e)
+                return self._complete(dma, chain, "UNREADABLE", Status.IOERR)
+        rtype = _TYPES.get(code)
+        if rtype is None:
             log.warning("unknown request type %d", code)
             self.requests[(f"TYPE_{code}", "NONE")] += 1
             if self._seen is not None:
                 self._seen.name = f"TYPE_{code}"
             return 0
-        if rtype == RequestType.PROBE and not self.has_feature(F_PROBE):
-            self.requests[(rtype.name, "NONE")] += 1
+        name = _TYPE_NAMES[rtype]
+        if code == _PROBE_CODE and not self.has_feature(F_PROBE):
+            self.requests[(name, "NONE")] += 1
             if self._seen is not None:
-                self._seen.name = rtype.name
+                self._seen.name = name
             return 0
         props = b""
         expected_writable = TAIL_SIZE
-        if rtype == RequestType.PROBE:
+        if code == _PROBE_CODE:
             expected_writable += self.iommu.config.probe_size
-        if chain.readable_len < _READABLE[rtype] or chain.writable_len != expected_writable:
+        size = _READABLE[rtype]
+        if readable_len < size or writable_len != expected_writable:
             status = Status.INVAL
         else:
-            try:
-                body = gather(dma, chain.readable, 0, _READABLE[rtype])
-            except DMA_ERRORS as e:
-                log.error("%s request cannot be read: %s", rtype.name, e)
-                return self._complete(dma, chain, rtype.name, Status.IOERR)
+            if data is not None:
+                body = data[:size]
+            else:
+                try:
+                    body = gather(dma, chain.readable, 0, size)
+                except DMA_ERRORS as e:
+                    log.error("%s request cannot be read: %s", name, e)
+                    return self._complete(dma, chain, name, Status.IOERR)
             if self._seen is not None:
                 self._seen.rtype, self._seen.body = rtype, body
             try:
-                status, props = self._execute(rtype, body)
+                status, props = self._execute(code, body)
             except Exception:  # a bug of ours must not take the device down
-                log.exception("internal error executing %s", rtype.name)
+                log.exception("internal error executing %s", name)
                 status = Status.DEVERR
-        return self._complete(dma, chain, rtype.name, status, props)
+        return self._complete(dma, chain, name, status, props)
 
     def _complete(self, dma: DmaSpace, chain: Chain, name: str, status: Status,
                   props: bytes = b"") -> int:
@@ -257,39 +284,45 @@ class VirtioIommu(VirtioDevice):
         If the writable part cannot be written whole, only the tail is tried,
         with S_IOERR; if even that fails the error breaks the device.
         """
-        if status != Status.OK:
-            log.debug("%s -> %s", name, status.name)
-        out = bytearray(chain.writable_len)
-        if status == Status.OK and props:
-            out[:len(props)] = props
-        out[-TAIL_SIZE] = status
+        if status != _OK:
+            log.debug("%s -> %s", name, _STATUS_NAMES[status])
+        size = chain.writable_len
+        out: bytes | bytearray
+        if size == TAIL_SIZE:
+            out = _TAILS[status]
+        else:
+            out = bytearray(size)
+            if status == _OK and props:
+                out[:len(props)] = props
+            out[-TAIL_SIZE] = status
         try:
             scatter(dma, chain.writable, out)
         except DMA_ERRORS as e:
-            if len(out) == TAIL_SIZE:
+            if size == TAIL_SIZE:
                 raise
             log.error("%s reply cannot be written: %s", name, e)
             status = Status.IOERR
-            scatter(dma, chain.writable, bytes([status, 0, 0, 0]), len(out) - TAIL_SIZE)
-        self.requests[(name, status.name)] += 1
+            scatter(dma, chain.writable, _TAILS[status], size - TAIL_SIZE)
+        status_name = _STATUS_NAMES[status]
+        self.requests[(name, status_name)] += 1
         if self._seen is not None:
-            self._seen.name, self._seen.status = name, status.name
-        return len(out)
+            self._seen.name, self._seen.status = name, status_name
+        return size
 
-    def _execute(self, rtype: RequestType, body: bytes) -> tuple[Status, bytes]:
+    def _execute(self, code: int, body: bytes) -> tuple[Status, bytes]:
         iommu = self.iommu
-        if rtype == RequestType.ATTACH:
-            domain, endpoint, flags, reserved = _ATTACH.unpack(body)
-            return iommu.attach(domain, endpoint, flags, reserved == bytes(4)), b""
-        if rtype == RequestType.DETACH:
-            domain, endpoint = _DETACH.unpack(body)
-            return iommu.detach(domain, endpoint), b""
-        if rtype == RequestType.MAP:
+        if code == _MAP_CODE:
             domain, vstart, vend, pstart, flags = _MAP.unpack(body)
             return iommu.map(domain, vstart, vend, pstart, flags), b""
-        if rtype == RequestType.UNMAP:
+        if code == _UNMAP_CODE:
             domain, vstart, vend, _reserved = _UNMAP.unpack(body)
             return iommu.unmap(domain, vstart, vend), b""
+        if code == _ATTACH_CODE:
+            domain, endpoint, flags, reserved = _ATTACH.unpack(body)
+            return iommu.attach(domain, endpoint, flags, reserved == bytes(4)), b""
+        if code == _DETACH_CODE:
+            domain, endpoint = _DETACH.unpack(body)
+            return iommu.detach(domain, endpoint), b""
         (endpoint,) = _PROBE.unpack(body)
         status, regions = iommu.probe(endpoint)
         props = b"".join(RESV_MEM.pack(PROBE_T_RESV_MEM, RESV_MEM.size - 4, r.subtype,
