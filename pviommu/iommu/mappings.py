@@ -71,13 +71,24 @@ class MappingTree:
         lo, hi = self._span(start, end)
         return hi > lo
 
+    def slot(self, start: int, end: int) -> int | None:
+        """Where a mapping of ``[start, end]`` goes (for :meth:`insert`), or None if it
+        would overlap one."""
+        lo, hi = self._span(start, end)
+        return lo if hi == lo else None
+
+    def insert(self, slot: int, mapping: Mapping) -> None:
+        """Inserts ``mapping`` at ``slot``, what :meth:`slot` answered for its range with
+        nothing added or removed since."""
+        self._starts.insert(slot, mapping.virt_start)
+        self._maps.insert(slot, mapping)
+
     def add(self, mapping: Mapping) -> None:
         """Inserts ``mapping``; ValueError if it overlaps another."""
-        if self.overlaps(mapping.virt_start, mapping.virt_end):
+        slot = self.slot(mapping.virt_start, mapping.virt_end)
+        if slot is None:
             raise ValueError(f"mapping at {mapping.virt_start:#x} overlaps an existing one")
-        i = bisect.bisect_left(self._starts, mapping.virt_start)
-        self._starts.insert(i, mapping.virt_start)
-        self._maps.insert(i, mapping)
+        self.insert(slot, mapping)
 
     def remove_range(self, start: int, end: int) -> list[Mapping] | None:
         """Removes every mapping inside ``[start, end]``.
@@ -87,8 +98,8 @@ class MappingTree:
         """
         lo, hi = self._span(start, end)
         touched = self._maps[lo:hi]
-        if any(m.virt_start < start or m.virt_end > end for m in touched):
-            return None
+        if touched and (touched[0].virt_start < start or touched[-1].virt_end > end):
+            return None  # only the first and the last can stick out: none overlap
         del self._starts[lo:hi]
         del self._maps[lo:hi]
         return touched

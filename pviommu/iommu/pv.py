@@ -266,34 +266,36 @@ class PvIommu:
     def map(self, domain: int, virt_start: int, virt_end: int, phys_start: int,
             flags: int) -> Status:
         """MAP ``[virt_start, virt_end]`` to ``phys_start`` in ``domain``."""
-        if not self.negotiated.map_unmap:
+        negotiated, config = self.negotiated, self.config
+        if not negotiated.map_unmap:
             return Status.UNSUPP
-        allowed = MAP_F_READ | MAP_F_WRITE | (MAP_F_MMIO if self.negotiated.mmio else 0)
+        allowed = MAP_F_READ | MAP_F_WRITE | (MAP_F_MMIO if negotiated.mmio else 0)
         if flags & ~allowed:
             return Status.INVAL
         dom = self._mapped_domain(domain)
         if isinstance(dom, Status):
             return dom
-        g = self.config.granule
+        mask = config.page_size_mask & U64_MAX
+        g = mask & -mask  # the granule
         if virt_start % g or phys_start % g or (virt_end + 1) % g:
             return Status.RANGE
         if virt_end < virt_start:
             return Status.INVAL
-        if (self.negotiated.input_range
-                and not self.config.input_start <= virt_start <= virt_end
-                <= self.config.input_end):
+        if (negotiated.input_range
+                and not config.input_start <= virt_start <= virt_end <= config.input_end):
             return Status.RANGE
         if phys_start + (virt_end - virt_start) > U64_MAX:
             return Status.RANGE
-        if dom.mappings.overlaps(virt_start, virt_end):
+        slot = dom.mappings.slot(virt_start, virt_end)
+        if slot is None:
             return Status.INVAL
-        if any(r.start <= virt_end and virt_start <= r.end
-               for r in self.resv):
-            return Status.INVAL
-        if self.mapping_count >= self.config.max_mappings:
-            log.warning("MAP: the limit of %d mappings is reached", self.config.max_mappings)
+        for r in self.resv:
+            if r.start <= virt_end and virt_start <= r.end:
+                return Status.INVAL
+        if self.mapping_count >= config.max_mappings:
+            log.warning("MAP: the limit of %d mappings is reached", config.max_mappings)
             return Status.NOMEM
-        dom.mappings.add(Mapping(virt_start, virt_end, phys_start, flags))
+        dom.mappings.insert(slot, Mapping(virt_start, virt_end, phys_start, flags))
         self.mapping_count += 1
         return Status.OK
 
