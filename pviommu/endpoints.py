@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -272,8 +272,17 @@ class IotlbStage1:
 
     async def fill(self, iova: int, access: Access | int) -> None:
         """Asks QEMU for the translation of ``iova`` (IOTLB MISS)."""
+        await self._stage1(self.iotlb.fill(iova, access))
+
+    async def prefetch(self, iova: int, access: Access | int) -> None:
+        """Asks QEMU for ``iova`` ahead of its access, unless the back-end channel is busy
+        (see :meth:`DeviceIotlb.prefetch`)."""
+        await self._stage1(self.iotlb.prefetch(iova, access))
+
+    @staticmethod
+    async def _stage1(fill: Awaitable[None]) -> None:
         try:
-            await self.iotlb.fill(iova, access)
+            await fill
         except IotlbMissRefused as e:
             raise Stage1Refused(str(e)) from None
         except IotlbError as e:

@@ -33,7 +33,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..dma import DMA_ERRORS, Access, DmaFault, DmaSpace, load, local_views, piece_len, store
+from ..dma import (
+    DMA_ERRORS,
+    Access,
+    DmaFault,
+    DmaSpace,
+    TranslationMiss,
+    load,
+    local_views,
+    piece_len,
+    store,
+)
 from ..memory import Piece
 from ..virtio.device import VirtioDevice, resolve_segments, split_pieces
 from ..virtio.features import F_EVENT_IDX, F_INDIRECT_DESC, bit
@@ -225,7 +235,22 @@ class VirtioBlk(TracedRequests, VirtioDevice):
     async def _request(self, queue: SplitQueue, chain: Chain, seen: Traced | None = None
                        ) -> int:
         """Executes one request; returns the used length (data written + 1, or 0).
-        ``seen``, when the request is traced, gets its type, sector, length and status."""
+        ``seen``, when the request is traced, gets its type, sector, length and status.
+
+        A translation miss (nothing moved yet) goes up widened to every buffer of
+        the chain that misses, so that one fill fetches them all."""
+        try:
+            return await self._request_once(queue, chain, seen)
+        except TranslationMiss as miss:
+            widen = getattr(queue.dma, "widen", None)
+            if widen is None:
+                raise
+            ranges = [(a, n, Access.READ) for a, n in chain.readable]
+            ranges += [(a, n, Access.WRITE) for a, n in chain.writable]
+            raise widen(miss, ranges) from None
+
+    async def _request_once(self, queue: SplitQueue, chain: Chain, seen: Traced | None
+                            ) -> int:
         dma = queue.dma
         if seen is not None:
             seen.kind, seen.status = "UNKNOWN", Status.IOERR.name

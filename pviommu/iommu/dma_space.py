@@ -15,8 +15,9 @@ can wait, which awaits :meth:`TranslatedDma.fill` and retries.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from ..dma import DMA_ERRORS
 from ..memory import GuestMemory, Piece
@@ -25,6 +26,7 @@ from .revocation import Revocations
 from .translation import TranslationMiss, Translator
 
 FaultReport = Callable[[Fault], object]
+_PAGE_MASK = ~0xFFF  # the smallest granule: faults found ahead are kept by page
 
 
 class TranslatedDma:
@@ -67,22 +69,53 @@ class TranslatedDma:
         except RuntimeError:  # no event loop: no fill ever ran
             return None
         failed = self._failed_fills.get(task) if task is not None else None
-        found = failed.pop((miss.iova, miss.access), None) if failed else None
+        if not failed:
+            return None
+        found = failed.pop((miss.iova, miss.access), None)
+        if found is None:  # found while fetching a page ahead of its access
+            found = failed.pop((miss.iova & _PAGE_MASK, miss.access), None)
+            if found is not None:
+                found = (found[0], dataclasses.replace(found[1], address=miss.iova))
         if found is None or found[0] != self.translator.generation:
             return None  # invalidated since: ask again
         return found[1]
 
     async def fill(self, miss: TranslationMiss) -> None:
-        """Fetches the translation ``miss`` lacks. When there is none (a guest stage-1
-        fault, say), the calling task's retry of that access raises the fault, and it
-        is reported then, where the device meets it."""
+        """Fetches the translation ``miss`` lacks (and what else of its ranges the
+        translator fetches at once). When there is none (a guest stage-1 fault, say),
+        the calling task's retry of that access raises the fault, and it is reported
+        then, where the device meets it; so are the faults found ahead."""
         try:
-            await self.translator.fill(miss)
-        except DmaFault as fault:
-            task = asyncio.current_task()
-            if task is not None:
-                self._failed_fills.setdefault(task, {})[(miss.iova, miss.access)] = (
-                    self.translator.generation, fault.fault)
+            ahead = await self.translator.fill(miss)
+        except DmaFault as e:
+            self._remember((miss.iova, miss.access), e.fault)
+            return
+        for found in ahead or ():
+            self._remember((found.address & _PAGE_MASK, found.access), found)
+
+    def _remember(self, key: tuple[int, Access], fault: Fault) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._failed_fills.setdefault(task, {})[key] = (self.translator.generation, fault)
+
+    def widen(self, miss: TranslationMiss, ranges: Iterable[tuple[int, int, Access]]
+              ) -> TranslationMiss:
+        """``miss`` with whatever else of ``ranges`` (all the buffers of the request
+        that met it) misses too, so that one fill fetches what the request needs.
+        Faults are not reported here: the request's own access meets them."""
+        also = []
+        translate = self.translator.translate
+        for addr, length, access in ranges:
+            if length <= 0:
+                continue
+            try:
+                translate(self.endpoint, addr, length, access)
+            except TranslationMiss as m:
+                if m.iova != miss.iova or m.access != miss.access:
+                    also.append((m.iova, m.length, m.access))
+            except DmaFault:
+                pass
+        return miss.widened(also) if also else miss
 
     @property
     def generation(self) -> int:

@@ -17,7 +17,9 @@ ring views cached over it are dropped too.
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -29,6 +31,14 @@ from .stage2 import PAGE, Stage2
 from .translation import TranslationMiss
 
 MAX_CACHED_PAGES = 4096
+MAX_PREFETCH = 256
+"""Pages besides the missed one that one fill asks for at once (1 MiB of 4 KiB pages)."""
+ADDRESS_LIMIT = 1 << 64
+PAGE_MASK = ~(PAGE - 1)
+_WRITE = int(Access.WRITE)
+_RW = int(Access.READ | Access.WRITE)
+_BITS = (int(Access.READ), _WRITE)
+_VMSA = {bit: VmsaAccess(bit) for bit in _BITS}
 
 
 class Stage1Error(Exception):
@@ -61,6 +71,9 @@ class Stage1Source(Protocol):
         """Fetches the translation of ``iova``; raises :class:`Stage1Refused` when the
         guest's tables refuse it, :class:`Stage1Unavailable` when it cannot be had."""
         ...
+
+    # Optional: ``async prefetch(iova, access)``, a fill that may skip asking (when the
+    # channel to stage 1 is busy); used for the pages a miss does not need first.
 
 
 @dataclass(frozen=True)
@@ -131,54 +144,72 @@ class NestedTranslator:
     def translate(self, endpoint: int, iova: int, length: int, access: Access
                   ) -> list[tuple[int, int]]:
         """The guest-RAM pieces behind ``[iova, iova+length)``; raises TranslationMiss
-        (stage 1 not at hand) or DmaFault (stage 2 refuses) for the first page that
-        does not translate."""
+        (stage 1 not at hand; its ``length`` the rest of the range, which a fill
+        fetches at once) or DmaFault (stage 2 refuses) for the first page that does
+        not translate."""
         if endpoint != self.endpoint:
             raise DmaFault(Fault(endpoint, iova, access, FaultReason.UNKNOWN))
-        if length <= 0 or iova < 0 or iova + length > 1 << 64:
+        end = iova + length
+        if length <= 0 or iova < 0 or end > ADDRESS_LIMIT:
             raise DmaFault(Fault(endpoint, iova, access, FaultReason.F_TRANSLATION, Stage.S1))
-        self._check_cache()
-        bits = int(access)
+        memory = self.memory
+        if (self.stage1.generation, self.stage2.generation) != self._cache_key or (
+                memory is not None and memory.generation != self._memory_generation):
+            self._check_cache()
+        bits = int(access)  # plain ints from here: IntFlag operations cost on this path
         cache = self._cache
-        out: list[tuple[int, int]] = []
-        addr, end = iova, iova + length
-        while addr < end:
-            page = addr & ~(PAGE - 1)
+        page = iova & PAGE_MASK
+        if end <= page + PAGE:  # one page: most accesses
             entry = cache.get(page)
             if entry is None or entry[1] & bits != bits:
-                entry = self._compose(page, addr, access, entry)
+                entry = self._compose(page, iova, end, access, entry)
             else:
                 self.stats["composed_hits"] += 1
-            n = min(end, page + PAGE) - addr
-            pa = entry[0] + (addr - page)
-            if out and out[-1][0] + out[-1][1] == pa:
-                out[-1] = (out[-1][0], out[-1][1] + n)
-            else:
-                out.append((pa, n))
-            addr += n
+            return [(entry[0] + iova - page, length)]
+        out: list[tuple[int, int]] = []
+        addr = iova
+        hits = 0
+        try:
+            while addr < end:
+                page = addr & PAGE_MASK
+                entry = cache.get(page)
+                if entry is None or entry[1] & bits != bits:
+                    entry = self._compose(page, addr, end, access, entry)
+                else:
+                    hits += 1
+                n = min(end, page + PAGE) - addr
+                pa = entry[0] + (addr - page)
+                if out and out[-1][0] + out[-1][1] == pa:
+                    out[-1] = (out[-1][0], out[-1][1] + n)
+                else:
+                    out.append((pa, n))
+                addr += n
+        finally:
+            self.stats["composed_hits"] += hits
         return out
 
-    def _compose(self, page: int, addr: int, access: Access, old: tuple[int, int] | None
-                 ) -> tuple[int, int]:
+    def _compose(self, page: int, addr: int, end: int, access: Access,
+                 old: tuple[int, int] | None) -> tuple[int, int]:
         self.stats["composed_misses"] += 1
-        pieces = self.stage1.lookup(page, PAGE, access)
+        bits = int(access) & _RW
+        pieces = self.stage1.lookup(page, PAGE, bits)
         if pieces is None:
-            raise TranslationMiss(self.endpoint, addr, access)
+            raise TranslationMiss(self.endpoint, addr, access, end - addr)
         ipa_page = pieces[0][0]
-        ipa = ipa_page + (addr - page)
-        out_page = None
-        for bit in (Access.READ, Access.WRITE):
-            if not access & bit:
+        out_page = -1
+        for bit in _BITS:
+            if not bits & bit:
                 continue
             try:
-                walk = self.stage2.walk(ipa_page, VmsaAccess(int(bit)))
+                walk = self.stage2.walk(ipa_page, _VMSA[bit])
             except VmsaFault as e:
                 self.stats["stage2_faults"] += 1
-                raise DmaFault(NestedFault(self.endpoint, addr, bit, _REASON[e.kind],
-                                           Stage.S2, ipa=ipa, level=e.level)) from None
+                raise DmaFault(NestedFault(self.endpoint, addr, Access(bit), _REASON[e.kind],
+                                           Stage.S2, ipa=ipa_page + (addr - page),
+                                           level=e.level)) from None
             out_page = walk.oa
-        assert out_page is not None  # access has READ or WRITE
-        granted = int(access) & (Access.READ | Access.WRITE)
+        assert out_page >= 0  # access has READ or WRITE
+        granted = bits
         if old is not None and old[0] == out_page:
             granted |= old[1]
         if len(self._cache) >= self.max_cached_pages:
@@ -187,18 +218,69 @@ class NestedTranslator:
         self._cache[page] = entry
         return entry
 
-    async def fill(self, miss: TranslationMiss) -> None:
+    async def fill(self, miss: TranslationMiss) -> list[Fault] | None:
         """Fetches the stage-1 translation ``miss`` lacks from QEMU. A refusal is a guest
         stage-1 fault (QEMU's SMMUv3 queued the event for the guest); a frontend that
         cannot be asked or does not answer is one too, for this access, but the guest
-        has no record of it."""
+        has no record of it.
+
+        The other pages of the miss's ranges that stage 1 lacks (at most
+        :data:`MAX_PREFETCH`) are asked for at the same time (their MISSes
+        pipelined), so that the retry does not miss page after page; the faults
+        found there are returned, each at the address where the retry will miss."""
         self.stats["stage1_misses"] += 1
-        access = miss.access
+        extra = self._prefetchable(miss)
+        if not extra:
+            await self._fill(miss.iova, miss.access, self.stage1.fill)
+            return None
+        self.stats["stage1_prefetches"] += len(extra)
+        prefetch = getattr(self.stage1, "prefetch", self.stage1.fill)
+        results = await asyncio.gather(
+            self._fill(miss.iova, miss.access, self.stage1.fill),
+            *(self._fill(addr, Access(bits), prefetch) for addr, bits in extra),
+            return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, DmaFault):
+                raise result
+        if isinstance(results[0], DmaFault):
+            raise results[0]  # the access the miss is for
+        # Only refusals are kept for the retry: a page that could not be asked ahead (a
+        # busy or broken channel) is asked again when its access needs it.
+        return [r.fault for r in results[1:] if isinstance(r, DmaFault)
+                and isinstance(r.fault, NestedFault) and r.fault.guest_notified]
+
+    async def _fill(self, iova: int, access: Access,
+                    fetch: Callable[[int, Access | int], Awaitable[None]]) -> None:
         try:
-            await self.stage1.fill(miss.iova, access)
+            await fetch(iova, access)
         except Stage1Error as e:
             refused = isinstance(e, Stage1Refused)
             self.stats["stage1_faults" if refused else "stage1_unavailable"] += 1
-            raise DmaFault(NestedFault(self.endpoint, miss.iova, access,
+            raise DmaFault(NestedFault(self.endpoint, iova, access,
                                        FaultReason.F_TRANSLATION, Stage.S1,
                                        guest_notified=refused, detail=str(e))) from None
+
+    def _prefetchable(self, miss: TranslationMiss) -> list[tuple[int, int]]:
+        """``(address, access bits)`` of the pages besides the miss's own that its ranges
+        need and stage 1 lacks: one per page (a write, if any range writes it, which
+        also serves a read when the guest's tables grant both)."""
+        first = miss.iova & PAGE_MASK
+        lookup = self.stage1.lookup
+        want: dict[int, tuple[int, int]] = {}
+        budget = MAX_PREFETCH
+        for start, length, access in ((miss.iova, miss.length, miss.access), *miss.also):
+            bits = int(access) & _RW
+            if not bits or length <= 0 or start < 0:
+                continue
+            addr, end = start, min(start + length, ADDRESS_LIMIT)
+            while addr < end and budget:
+                page = addr & PAGE_MASK
+                if page != first and lookup(page, PAGE, bits) is None:
+                    old = want.get(page)
+                    if old is None:
+                        want[page] = (addr, bits)
+                        budget -= 1
+                    elif bits & _WRITE and not old[1] & _WRITE:
+                        want[page] = (addr, bits)
+                addr = page + PAGE
+        return list(want.values())

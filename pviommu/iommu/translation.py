@@ -10,10 +10,11 @@ a mapping away behind the guest's back also implements :class:`Revocable`, and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from .faults import Access
+from .faults import Access, Fault
 
 
 class TranslationMiss(Exception):
@@ -23,14 +24,30 @@ class TranslationMiss(Exception):
     Nothing was changed by the access that raised it: a caller in an async
     context awaits the fill and runs the access again. It is not a fault (not
     in ``DMA_ERRORS``); code that cannot wait lets it propagate.
+
+    ``length`` is how much of the access lies from ``iova`` on, and ``also``
+    further ``(iova, length, access)`` ranges the same request needs (see
+    :meth:`widened`): a fill may fetch them all at once, so that the retry does
+    not miss page after page. Only ``iova`` for ``access`` must be filled.
     """
 
-    def __init__(self, endpoint: int, iova: int, access: Access) -> None:
-        super().__init__(f"translation miss endpoint {endpoint:#x} at {iova:#x} "
-                         f"({access.name})")
+    def __init__(self, endpoint: int, iova: int, access: Access, length: int = 1,
+                 also: tuple[tuple[int, int, Access], ...] = ()) -> None:
+        super().__init__(endpoint, iova, access)
         self.endpoint = endpoint
         self.iova = iova
         self.access = access
+        self.length = length
+        self.also = also
+
+    def __str__(self) -> str:  # formatted only when shown: raising it stays cheap
+        return (f"translation miss endpoint {self.endpoint:#x} at {self.iova:#x} "
+                f"({Access(self.access).name})")
+
+    def widened(self, also: list[tuple[int, int, Access]]) -> TranslationMiss:
+        """This miss, with ``also`` the further ranges its request needs."""
+        return TranslationMiss(self.endpoint, self.iova, self.access, self.length,
+                               self.also + tuple(also))
 
 
 class Translator(Protocol):
@@ -58,11 +75,16 @@ class Translator(Protocol):
         """
         ...
 
-    async def fill(self, miss: TranslationMiss) -> None:
+    async def fill(self, miss: TranslationMiss) -> Sequence[Fault] | None:
         """Fetches the translation ``miss`` lacks; afterwards the same access does not
         miss again unless the translation was invalidated meanwhile. Raises
         :class:`~pviommu.iommu.faults.DmaFault` when there is none to fetch (a guest
-        stage-1 fault, say)."""
+        stage-1 fault, say).
+
+        A mode may fetch the rest of the miss's ranges (``length``, ``also``) too;
+        it returns the faults it found there (each at the address where the
+        retry will miss, for that access), which the DMA space raises when the
+        same task meets them instead of asking again."""
         ...
 
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from pviommu.events import EventBus, FaultRecorded
 from pviommu.iommu.faults import Access, DmaFault, FaultReason, Stage
-from pviommu.iommu.nested import NestedFault, NestedTranslator
+from pviommu.iommu.nested import MAX_PREFETCH, NestedFault, NestedTranslator
 from pviommu.iommu.smmu_events import EventClass, SmmuEvent, SmmuEventQueue, SmmuEventRecorded
 from pviommu.iommu.stage2 import Stage2, Stage2Error
 from pviommu.iommu.translation import TranslationMiss
@@ -136,6 +136,53 @@ async def test_an_unavailable_frontend_faults_without_telling_the_guest(
         dma.read(IOVA, 16)
     recorded = [e for e in bus[1] if isinstance(e, FaultRecorded)]
     assert len(recorded) == 1 and not recorded[0].delivered
+
+
+async def test_a_miss_fills_every_page_of_its_range_at_once(
+        memory: GuestMemory, bus: tuple[EventBus, list[object]]) -> None:
+    _, s1, tr = nested(memory, bus[0])
+    s1.map(IOVA, DEFAULT_GPA, 64 * PAGE)
+    with pytest.raises(TranslationMiss) as miss:
+        tr.translate(EP, IOVA + 8, 64 * PAGE - 8, Access.WRITE)
+    assert miss.value.length == 64 * PAGE - 8
+    assert await tr.fill(miss.value) == []
+    assert sorted(s1.fills) == [(IOVA + i * PAGE, int(Access.WRITE)) for i in range(64)]
+    assert tr.translate(EP, IOVA + 8, 64 * PAGE - 8, Access.WRITE) == [
+        (DEFAULT_GPA + 8, 64 * PAGE - 8)]
+    assert (tr.stats["stage1_misses"], tr.stats["stage1_prefetches"]) == (1, 63)
+
+
+async def test_a_widened_miss_fetches_the_request_s_other_buffers_and_keeps_their_faults(
+        memory: GuestMemory, bus: tuple[EventBus, list[object]]) -> None:
+    vsmmu, s1, _ = nested(memory, bus[0])
+    s1.map(IOVA, DEFAULT_GPA, 2 * PAGE)  # IOVA + 2 pages: not mapped by the guest
+    dma = vsmmu.dma(s1, EP, memory)
+    ranges = [(IOVA, 16, Access.READ), (IOVA + PAGE, PAGE, Access.WRITE),
+              (IOVA + 2 * PAGE + 4, 4, Access.WRITE)]
+    with pytest.raises(TranslationMiss) as miss:
+        dma.read(IOVA, 16)
+    wide = dma.widen(miss.value, ranges)
+    assert wide.also == ((IOVA + PAGE, PAGE, Access.WRITE), (IOVA + 2 * PAGE + 4, 4, Access.WRITE))
+    await dma.fill(wide)
+    assert len(s1.fills) == 3
+    assert dma.read(IOVA, 16) == bytes(16)
+    dma.write(IOVA + PAGE, bytes(PAGE))
+    with pytest.raises(DmaFault) as fault:  # found ahead: raised without asking again
+        dma.write(IOVA + 2 * PAGE + 4, b"abcd")
+    assert len(s1.fills) == 3
+    f = fault.value.fault
+    assert (f.address, f.access, f.stage) == (IOVA + 2 * PAGE + 4, Access.WRITE, Stage.S1)
+    assert len([e for e in bus[1] if isinstance(e, FaultRecorded)]) == 1
+
+
+async def test_prefetching_is_bounded(memory: GuestMemory,
+                                      bus: tuple[EventBus, list[object]]) -> None:
+    _, s1, tr = nested(memory, bus[0])
+    s1.map(IOVA, DEFAULT_GPA, 1024 * PAGE)
+    with pytest.raises(TranslationMiss) as miss:
+        tr.translate(EP, IOVA, 1024 * PAGE, Access.READ)
+    await tr.fill(miss.value)
+    assert len(s1.fills) == 1 + MAX_PREFETCH
 
 
 def record_hex(*words: int) -> str:

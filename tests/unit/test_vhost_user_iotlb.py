@@ -577,3 +577,17 @@ async def test_a_gone_frontend_frees_its_iotlb_and_memory_without_the_collector(
         assert guest_maps() == mapped
     finally:
         gc.enable()
+
+
+async def test_a_prefetch_asks_only_when_the_channel_has_room(qemu: Qemu) -> None:
+    qemu.map(IOVA, 0)
+    qemu.map(IOVA + PAGE, PAGE)
+    qemu.serve()
+    iotlb = qemu.conn.iotlb
+    await iotlb.prefetch(IOVA, Access.READ)  # asked: the channel is idle
+    assert len(qemu.channel.misses) == 1
+    await iotlb.prefetch(IOVA, Access.READ)  # at hand: nothing asked
+    assert len(qemu.channel.misses) == 1
+    iotlb.channel = None
+    await iotlb.prefetch(IOVA + PAGE, Access.READ)  # no channel: skipped, no error
+    assert qemu.conn.stats["iotlb_prefetch_skipped"] == 1

@@ -42,13 +42,20 @@ from ...dma import Access
 from ...events import EventBus, IotlbMessage, IotlbMissDone
 from ...memory import GuestMemory
 from . import protocol as p
-from .backend_channel import BackendChannel, BackendChannelError, BackendChannelTimeout
+from .backend_channel import (
+    MAX_OUTSTANDING,
+    BackendChannel,
+    BackendChannelError,
+    BackendChannelTimeout,
+)
 
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 0x1000  # the smallest stage-1 granule: UPDATE alignment, MISS sharing
 ADDRESS_LIMIT = 1 << 64
 _RW = int(Access.READ | Access.WRITE)
+PREFETCH_ROOM = 64
+"""Back-end channel replies a prefetch leaves for the misses requests need first."""
 
 
 class IotlbError(Exception):
@@ -237,6 +244,20 @@ class DeviceIotlb:
             self.stats["iotlb_miss_shared"] += 1
         assert miss.task is not None
         await asyncio.shield(miss.task)
+
+    async def prefetch(self, iova: int, access: Access | int) -> None:
+        """:meth:`fill` for a page asked ahead of its access (the rest of a request's
+        buffers): nothing is asked when the page is at hand, and when the back-end
+        channel is missing or busy (the fills a request needs first keep
+        :data:`PREFETCH_ROOM` of its replies)."""
+        channel = self.channel
+        # Misses created but not sent yet count too: a request's prefetches start at once.
+        if channel is None or channel.closed or max(len(self._misses), channel.outstanding) \
+                >= MAX_OUTSTANDING - PREFETCH_ROOM:
+            self.stats["iotlb_prefetch_skipped"] += 1
+            return
+        if self._walk(iova, 1, _access(access))[1] is not None:
+            await self.fill(iova, access)
 
     def _shared_miss(self, page: int, access: int) -> _Miss | None:
         for miss in self._misses.values():
