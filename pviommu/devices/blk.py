@@ -254,13 +254,14 @@ class VirtioBlk(TracedRequests, VirtioDevice):
         dma = queue.dma
         if seen is not None:
             seen.kind, seen.status = "UNKNOWN", Status.IOERR.name
-        if chain.writable_len < 1:
+        writable_len = chain.writable_len
+        if writable_len < 1:
             log.error("request %d has no writable status byte (%d readable bytes); completed "
                       "unwritten", chain.head, chain.readable_len)
             self.stats["malformed"] += 1
             return 0
         try:
-            status_at = resolve_segments(dma, chain.writable, chain.writable_len - 1, 1,
+            status_at = resolve_segments(dma, chain.writable, writable_len - 1, 1,
                                          Access.WRITE)
         except DMA_ERRORS as e:
             self._dma_error(e, chain, "status byte")

@@ -27,6 +27,7 @@ from .translation import TranslationMiss, Translator
 
 FaultReport = Callable[[Fault], object]
 _PAGE_MASK = ~0xFFF  # the smallest granule: faults found ahead are kept by page
+_WRITE = int(Access.WRITE)
 
 
 class TranslatedDma:
@@ -138,7 +139,7 @@ class TranslatedDma:
 
     def resolve(self, addr: int, length: int, access: Access) -> list[Piece]:
         """The guest memory behind ``[addr, addr+length)``, every piece translated first."""
-        write = bool(access & Access.WRITE)
+        write = bool(int(access) & _WRITE)  # int first: IntFlag's & is a Python call
         return [self.memory.piece(gpa, n, write)
                 for gpa, n in self._translate(addr, length, access)]
 

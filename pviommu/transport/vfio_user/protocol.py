@@ -8,12 +8,16 @@ the data at message byte 28; see the project's vfio-user checklist, T3).
 
 from __future__ import annotations
 
+import array
+import asyncio
 import enum
 import socket
 import struct
 from dataclasses import dataclass, field
 
 from ..sockio import close_fds, recv_exact
+
+_FD_SIZE = array.array("i").itemsize
 
 HEADER = struct.Struct("<HHIII")
 
@@ -47,12 +51,13 @@ class Command(enum.IntEnum):
     MIG_DATA_WRITE = 18
 
 
+_NAMES = {c.value: c.name for c in Command}
+
+
 def command_name(code: int) -> str:
     """A readable name for a command number, known or not."""
-    try:
-        return Command(code).name
-    except ValueError:
-        return f"command {code}"
+    name = _NAMES.get(code)
+    return name if name is not None else f"command {code}"
 
 
 # -- payloads (after the header) --------------------------------------------------
@@ -170,20 +175,114 @@ async def read_message(sock: socket.socket, max_size: int = MAX_MESSAGE) -> Mess
     try:
         header = await recv_exact(sock, HEADER.size, fds, _RECV_FDS)
         msg_id, command, size, flags, error = HEADER.unpack(header)
-        kind = flags & FLAG_TYPE_MASK
-        where = f"{command_name(command)} (id {msg_id})"
-        if size < HEADER.size:
-            raise ProtocolError(f"{where}: message size {size} is below the header size")
-        if kind not in (TYPE_COMMAND, TYPE_REPLY):
-            raise ProtocolError(f"{where}: unknown message type {kind}")
-        if size > max_size:
-            raise ProtocolError(f"{where}: message size {size} exceeds the {max_size}-byte "
-                                "limit", msg_id, command, flags)
+        _check_header(msg_id, command, size, flags, max_size)
         payload = await recv_exact(sock, size - HEADER.size, fds, _RECV_FDS)
     except BaseException:
         close_fds(fds)
         raise
     return Message(msg_id, command, flags, error, payload, fds)
+
+
+def _check_header(msg_id: int, command: int, size: int, flags: int, max_size: int) -> None:
+    """ProtocolError for a header the rest of the stream cannot be read after."""
+    kind = flags & FLAG_TYPE_MASK
+    if HEADER.size <= size <= max_size and kind in (TYPE_COMMAND, TYPE_REPLY):
+        return
+    where = f"{command_name(command)} (id {msg_id})"
+    if size < HEADER.size:
+        raise ProtocolError(f"{where}: message size {size} is below the header size")
+    if kind not in (TYPE_COMMAND, TYPE_REPLY):
+        raise ProtocolError(f"{where}: unknown message type {kind}")
+    raise ProtocolError(f"{where}: message size {size} exceeds the {max_size}-byte limit",
+                        msg_id, command, flags)
+
+
+def passed_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """The file descriptors an SCM_RIGHTS control message carried."""
+    fds = array.array("i")
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - len(data) % _FD_SIZE])
+    return list(fds)
+
+
+class MessageReader:
+    """:func:`read_message` for one connection, its socket's readability watched by one
+    reader that stays registered while messages keep coming (instead of one added
+    and removed per message: that cost as much as the doorbell it delivered).
+
+    The reader is dropped when it fires with nobody waiting, so a peer that sends
+    while the connection is busy elsewhere never makes the loop spin; :meth:`close`
+    drops it for good (before the socket closes).
+    """
+
+    def __init__(self, sock: socket.socket, max_size: int = MAX_MESSAGE) -> None:
+        self.sock = sock
+        self.max_size = max_size
+        self._fd = sock.fileno()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._space = socket.CMSG_SPACE(_RECV_FDS * _FD_SIZE)
+
+    async def read(self) -> Message:
+        """The next message; raises as :func:`read_message` does."""
+        fds: list[int] = []
+        try:
+            header = await self._recv(HEADER.size, fds)
+            msg_id, command, size, flags, error = HEADER.unpack(header)
+            _check_header(msg_id, command, size, flags, self.max_size)
+            payload = await self._recv(size - HEADER.size, fds) if size > HEADER.size \
+                else b""
+        except BaseException:
+            close_fds(fds)
+            raise
+        return Message(msg_id, command, flags, error, payload, fds)
+
+    def close(self) -> None:
+        """Stops watching the socket."""
+        if self._loop is not None:
+            self._loop.remove_reader(self._fd)
+            self._loop = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            self.close()  # readable, but nobody waits: watched again by the next wait
+        else:
+            waiter.set_result(None)
+
+    async def _readable(self) -> None:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+            loop.add_reader(self._fd, self._wake)
+        self._waiter = loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    async def _recv(self, n: int, fds: list[int]) -> bytes:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        try:
+            while got < n:
+                try:
+                    nbytes, ancdata, _flags, _addr = self.sock.recvmsg_into([view[got:]],
+                                                                            self._space)
+                except (BlockingIOError, InterruptedError):
+                    await self._readable()
+                    continue
+                if ancdata:
+                    fds.extend(passed_fds(ancdata))
+                if nbytes == 0:
+                    raise EOFError("peer closed the connection" if got == 0 else
+                                   f"peer closed the connection after {got} of {n} bytes")
+                got += nbytes
+        finally:
+            view.release()
+        return bytes(buf)
 
 
 def encode(msg_id: int, command: int, payload: bytes = b"", flags: int = TYPE_COMMAND,

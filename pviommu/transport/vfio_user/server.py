@@ -250,9 +250,16 @@ class VfioUserConnection:
             await self._teardown()
 
     async def _read_loop(self) -> None:
+        reader = p.MessageReader(self.sock)
+        try:
+            await self._read_messages(reader)
+        finally:
+            reader.close()
+
+    async def _read_messages(self, reader: p.MessageReader) -> None:
         while not self._closing:
             try:
-                msg = await p.read_message(self.sock)
+                msg = await reader.read()
             except EOFError as e:
                 # Strings, never the exception, go to the log: a handler that keeps
                 # records would keep its traceback, this connection and its memory.
