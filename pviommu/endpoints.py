@@ -270,6 +270,10 @@ class IotlbStage1:
         """The IOTLB's generation (moves on every invalidation, stop and new memory)."""
         return self.iotlb.generation
 
+    def invalidated_since(self, generation: int) -> list[tuple[int, int]] | None:
+        """The ranges the IOTLB dropped since ``generation`` (None: not known)."""
+        return self.iotlb.invalidated_since(generation)
+
     async def fill(self, iova: int, access: Access | int) -> None:
         """Asks QEMU for the translation of ``iova`` (IOTLB MISS)."""
         await self._stage1(self.iotlb.fill(iova, access))

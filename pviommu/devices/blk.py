@@ -83,6 +83,9 @@ class RequestType(enum.IntEnum):
     GET_ID = 8
 
 
+_KINDS = {t.value: (t, t.name) for t in RequestType}
+
+
 class Status(enum.IntEnum):
     """virtio-blk status byte values."""
 
@@ -300,13 +303,13 @@ class VirtioBlk(TracedRequests, VirtioDevice):
         if seen is not None:
             seen.kind, seen.sector = _seen_kind(rtype), sector
             seen.length = _data_length(rtype, chain)
-        try:
-            kind = RequestType(rtype)
-        except ValueError:
+        known = _KINDS.get(rtype)  # a dict, not RequestType(rtype): this is per request
+        if known is None:
             self._count(f"TYPE_{rtype}")
             log.debug("request %d: type %d unsupported", chain.head, rtype)
-            raise _Refused(Status.UNSUPP) from None
-        self._count(kind.name)
+            raise _Refused(Status.UNSUPP)
+        kind, name = known
+        self._count(name)
         try:
             if kind == RequestType.IN:
                 return await self._read(dma, chain, sector)

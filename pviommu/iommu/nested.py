@@ -74,6 +74,8 @@ class Stage1Source(Protocol):
 
     # Optional: ``async prefetch(iova, access)``, a fill that may skip asking (when the
     # channel to stage 1 is busy); used for the pages a miss does not need first.
+    # Optional: ``invalidated_since(generation) -> list[(iova, end)] | None``, the ranges
+    # that went since ``generation`` (None: unknown); else every change drops everything.
 
 
 @dataclass(frozen=True)
@@ -132,14 +134,37 @@ class NestedTranslator:
     def _check_cache(self) -> None:
         key = (self.stage1.generation, self.stage2.generation)
         if key != self._cache_key:
-            if self._cache:
+            if self._cache and not self._drop_invalidated(key):
                 self.stats["composed_flushes"] += 1
-            self._cache.clear()
+                self._cache.clear()
             self._cache_key = key
         memory = self.memory
         if memory is not None and memory.generation != self._memory_generation:
             self._memory_generation = memory.generation
             self.stage2.adopt([(r.gpa, r.size) for r in memory.regions])
+
+    def _drop_invalidated(self, key: tuple[int, int]) -> bool:
+        """Drops the composed pages of the stage-1 ranges invalidated since the cache's
+        key, when only stage 1 moved and it can say which (a guest's INVALIDATE need
+        not cost every other page, the rings' among them); False if it cannot."""
+        old1, old2 = self._cache_key
+        since = getattr(self.stage1, "invalidated_since", None)
+        if key[1] != old2 or since is None:
+            return False
+        ranges = since(old1)
+        if ranges is None:
+            return False
+        cache = self._cache
+        for iova, end in ranges:
+            first, last = iova & PAGE_MASK, (end - 1) & PAGE_MASK
+            if (last - first) // PAGE + 1 > len(cache):
+                for page in [p for p in cache if first <= p <= last]:
+                    del cache[page]
+            else:
+                for page in range(first, last + 1, PAGE):
+                    cache.pop(page, None)
+        self.stats["composed_partial_flushes"] += 1
+        return True
 
     def translate(self, endpoint: int, iova: int, length: int, access: Access
                   ) -> list[tuple[int, int]]:

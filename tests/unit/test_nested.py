@@ -185,6 +185,43 @@ async def test_prefetching_is_bounded(memory: GuestMemory,
     assert len(s1.fills) == 1 + MAX_PREFETCH
 
 
+class RangedStage1(FakeStage1):
+    """A stage 1 that says which ranges an invalidation took (as the device IOTLB does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list[tuple[int, int, int]] = []
+
+    def invalidate(self, iova: int = 0, size: int = 0) -> None:
+        super().invalidate(iova, size)
+        self.log.append((self.generation, iova, iova + size) if size else (-1, 0, 0))
+
+    def invalidated_since(self, generation: int) -> list[tuple[int, int]] | None:
+        newer = [entry for entry in self.log if entry[0] > generation or entry[0] < 0]
+        if any(g < 0 for g, _, _ in newer):
+            return None
+        return [(iova, end) for _, iova, end in newer]
+
+
+async def test_an_invalidation_drops_only_the_composed_pages_it_covers(
+        memory: GuestMemory, bus: tuple[EventBus, list[object]]) -> None:
+    vsmmu = Vsmmu(bus[0])
+    s1 = RangedStage1()
+    tr = vsmmu.translator(s1, EP, memory)
+    s1.map(IOVA, DEFAULT_GPA, 4 * PAGE)
+    await translate(tr, IOVA, 4 * PAGE, Access.READ)
+    s1.unmap(IOVA + PAGE)
+    assert set(tr.cached()) == {IOVA, IOVA + 2 * PAGE, IOVA + 3 * PAGE}
+    with pytest.raises(TranslationMiss):
+        tr.translate(EP, IOVA + PAGE, 8, Access.READ)
+    vsmmu.stage2.map(DEFAULT_GPA, DEFAULT_GPA + 0x5000, PAGE, Perm.R | Perm.W)
+    assert tr.cached() == {}  # a stage-2 change: everything
+    await translate(tr, IOVA + 2 * PAGE, 8, Access.READ)
+    s1.log.append((-1, 0, 0))  # a change stage 1 cannot describe: everything goes
+    s1.generation += 1
+    assert tr.cached() == {}
+
+
 def record_hex(*words: int) -> str:
     return b"".join(w.to_bytes(8, "little") for w in words).hex()
 

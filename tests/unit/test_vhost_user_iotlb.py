@@ -591,3 +591,22 @@ async def test_a_prefetch_asks_only_when_the_channel_has_room(qemu: Qemu) -> Non
     iotlb.channel = None
     await iotlb.prefetch(IOVA + PAGE, Access.READ)  # no channel: skipped, no error
     assert qemu.conn.stats["iotlb_prefetch_skipped"] == 1
+
+
+async def test_invalidated_since_says_which_ranges_went(qemu: Qemu) -> None:
+    iotlb = qemu.conn.iotlb
+    for i in range(3):
+        qemu.map(IOVA + i * PAGE, i * PAGE)
+    qemu.serve()
+    for i in range(3):
+        await iotlb.fill(IOVA + i * PAGE, Access.READ)
+    gen = iotlb.generation
+    assert iotlb.invalidated_since(gen) == []
+    assert await qemu.fe.invalidate(IOVA + PAGE + 8, 16) == 0  # drops the whole entry
+    assert await qemu.fe.invalidate(IOVA + 0x100000, PAGE) == 0  # nothing cached there
+    assert iotlb.invalidated_since(gen) == [(IOVA + PAGE, IOVA + 2 * PAGE),
+                                            (IOVA + 0x100000, IOVA + 0x100000 + PAGE)]
+    later = iotlb.generation
+    iotlb.clear()
+    assert iotlb.invalidated_since(later) is None  # everything went
+    assert iotlb.invalidated_since(iotlb.generation) == []

@@ -35,7 +35,7 @@ import asyncio
 import bisect
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from ...dma import Access
@@ -55,6 +55,8 @@ PAGE_SIZE = 0x1000  # the smallest stage-1 granule: UPDATE alignment, MISS shari
 ADDRESS_LIMIT = 1 << 64
 _RW = int(Access.READ | Access.WRITE)
 PREFETCH_ROOM = 64
+DROP_LOG = 64
+"""Removals remembered for :meth:`DeviceIotlb.invalidated_since`."""
 """Back-end channel replies a prefetch leaves for the misses requests need first."""
 
 
@@ -144,6 +146,9 @@ class DeviceIotlb:
         self.generation = 0
         self.events: EventBus | None = None
         self.endpoint = -1
+        # (generation, iova, end) of the latest removals: what invalidated_since() knows
+        self._dropped: deque[tuple[int, int, int]] = deque()
+        self._known_from = 0
         self._starts: list[int] = []
         self._entries: list[IotlbEntry] = []
         self._misses: dict[tuple[int, int], _Miss] = {}
@@ -386,9 +391,7 @@ class DeviceIotlb:
                                                old.access | entry.access)
                 return
         if hi > lo:
-            del self._starts[lo:hi]
-            del self._entries[lo:hi]
-            self.generation += 1
+            self._drop(lo, hi)
         if len(self._entries) >= self.max_entries:
             self.stats["iotlb_overflow"] += 1
             self.clear()
@@ -406,15 +409,39 @@ class DeviceIotlb:
         if lo < 0 or self._entries[lo].end <= iova:
             lo += 1
         hi = bisect.bisect_left(self._starts, end)
+        if hi > lo:
+            self._drop(lo, hi)
+        else:
+            self._moved(iova, end)  # nothing cached there; the generation moves all the same
+
+    def _drop(self, lo: int, hi: int) -> None:
+        first, last = self._entries[lo], self._entries[hi - 1]
         del self._starts[lo:hi]
         del self._entries[lo:hi]
+        self._moved(first.iova, last.end)
+
+    def _moved(self, iova: int, end: int) -> None:
         self.generation += 1
+        log = self._dropped
+        log.append((self.generation, iova, end))
+        if len(log) > DROP_LOG:
+            self._known_from = log.popleft()[0]
 
     def clear(self) -> None:
         """Drops every entry (device stop, reset, new memory table, disconnect)."""
         self._starts.clear()
         self._entries.clear()
         self.generation += 1
+        self._dropped.clear()
+        self._known_from = self.generation
+
+    def invalidated_since(self, generation: int) -> list[tuple[int, int]] | None:
+        """The ``[iova, end)`` ranges whose entries went since ``generation`` (so that a
+        cache built over this IOTLB can drop just those), or None when that is not
+        known (everything went since, or too long ago)."""
+        if generation < self._known_from or generation > self.generation:
+            return None
+        return [(iova, end) for g, iova, end in self._dropped if g > generation]
 
     # -- the channel ------------------------------------------------------------------------
 
