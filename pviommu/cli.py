@@ -34,6 +34,7 @@ from .machine.guest_image import (
 from .machine.modules import ModuleError
 from .machine.qemu import QemuError
 from .machine.topology import pci_name
+from .microbench import markdown as microbench_markdown
 from .microbench.__main__ import main as microbench_main
 from .qmp.server import MAX_CLIENTS as QMP_MAX_CLIENTS
 from .report import format_report
@@ -157,8 +158,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        for table in (bench_report.markdown, bench_report.markdown_references,
-                      bench_report.markdown_latency, bench_report.markdown_samples):
+        if result.get("micro"):
+            print(microbench_markdown(result["micro"]))
+            print()
+        for table in (bench_report.markdown, bench_report.markdown_cost_model,
+                      bench_report.markdown_references, bench_report.markdown_latency,
+                      bench_report.markdown_samples):
             print(table(result))
             print()
     return 0

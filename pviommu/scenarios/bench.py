@@ -41,6 +41,7 @@ from ..lab import Endpoint, Iommu, Lab, Topology
 from ..machine.console import GuestFailed
 from ..machine.fio import fio_files
 from ..machine.topology import Device
+from ..microbench import CASES, run_micro
 from ..provision import GuestAssets
 from .bench_report import format_speed, summarize
 from .workloads import BY_NAME, HUGE_PAGES, WORKLOADS, Workload, job_result
@@ -66,6 +67,9 @@ class BenchPlan:
     rounds: int = 5
     image_bytes: int = 256 * MiB
     paths: tuple[str, ...] = PATHS
+    micro_requests: int = 5000
+    """Round trips per case of the backend micro-benchmark run first, for the cost
+    model (0: none)."""
 
     @property
     def timeout(self) -> float:
@@ -207,6 +211,12 @@ async def run(qemu: Path, assets: GuestAssets, workdir: Path, plan: BenchPlan | 
         fh.truncate(plan.image_bytes)
     samples: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     t0 = time.monotonic()
+    micro = None
+    if plan.micro_requests:
+        if progress is not None:
+            progress(f"backend micro-benchmark ({plan.micro_requests} round trips a case)")
+        micro = await asyncio.to_thread(run_micro, plan.micro_requests, ("any",),
+                                        max(1000, plan.micro_requests // 2), CASES, workdir)
     for rnd in range(plan.rounds):
         for mode in IOMMU_MODES:
             for path in rotate(paths, rnd):
@@ -225,7 +235,7 @@ async def run(qemu: Path, assets: GuestAssets, workdir: Path, plan: BenchPlan | 
             "paths": list(paths), "skipped_paths": skipped,
             "workloads": [w.name for w in plan.workloads], "runtime_s": plan.runtime,
             "machine": machine_description(), "qemu": str(qemu),
-            "qsd": _qsd_version(), "kernel": str(assets.kernel),
+            "qsd": _qsd_version(), "kernel": str(assets.kernel), "micro": micro,
             "elapsed_s": round(time.monotonic() - t0, 1)}
 
 

@@ -164,3 +164,68 @@ def workload_table() -> str:
         lines.append(f"| {w.name} | `--rw={w.rw} --bs={w.bs} --iodepth={w.iodepth} "
                      f"--iomem={'shmhuge' if w.huge else 'malloc'}` |")
     return "\n".join(lines)
+
+
+MAP_UNMAP_CASE = "PV-IOMMU MAP/UNMAP (vhost-user)"
+DOORBELL_CASE = "virtio-blk 4 KiB read, doorbell to MSI-X (vfio-user)"
+
+
+def _micro(result: dict[str, Any], case: str) -> float | None:
+    micro = result.get("micro") or {}
+    return next((r["median_us"] for r in micro.get("rows", [])
+                 if r["case"] == case and r["placement"] == "any"), None)
+
+
+def cost_model(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The PV path's time per I/O at queue depth 1, term by term, from numbers of the
+    same run: the built-in path's time per I/O, plus the PV-IOMMU round trips per I/O
+    (counted) times one MAP/UNMAP round trip (micro-benchmark), plus one blk
+    doorbell-to-interrupt round trip (micro-benchmark); against the measured time.
+    ``floor_bound`` is the best ratio wake-ups alone allow: the built-in time over
+    the built-in time plus one cross-core ping-pong per round trip (and the
+    doorbell's)."""
+    rtt = _micro(result, MAP_UNMAP_CASE)
+    doorbell = _micro(result, DOORBELL_CASE)
+    floor = ((result.get("micro") or {}).get("floor", {}).get("unpinned") or {}).get("median_us")
+    out = []
+    for row in result["table"]:
+        w = BY_NAME.get(row["workload"])
+        cells = row["paths"]
+        if w is None or w.iodepth != 1 or "pv" not in cells or "builtin" not in cells:
+            continue
+        pv, builtin = cells["pv"], cells["builtin"]
+        trips = [v for v in pv.get("round_trips_per_io", []) if v is not None]
+        if not (pv["iops"] and builtin["iops"] and trips):
+            continue
+        n = statistics.median(trips)
+        t_builtin, t_pv = 1e6 / builtin["iops"], 1e6 / pv["iops"]
+        entry: dict[str, Any] = {"iommu": row["iommu"], "workload": w.name,
+                                 "builtin_us": round(t_builtin, 1), "pv_us": round(t_pv, 1),
+                                 "round_trips": round(n, 2), "rtt_us": rtt,
+                                 "doorbell_us": doorbell}
+        if rtt is not None and doorbell is not None:
+            predicted = t_builtin + n * rtt + doorbell
+            entry["predicted_us"] = round(predicted, 1)
+            entry["explained"] = round((n * rtt + doorbell) / max(t_pv - t_builtin, 1e-9), 2)
+        if floor is not None:
+            entry["floor_us"] = floor
+            entry["floor_bound"] = round(t_builtin / (t_builtin + (n + 1) * floor), 2)
+        out.append(entry)
+    return out
+
+
+def markdown_cost_model(result: dict[str, Any]) -> str:
+    """The cost model's table (see :func:`cost_model`)."""
+    lines = ["| IOMMU | workload | built-in µs/I/O | round trips/I/O (N) | MAP/UNMAP RTT µs "
+             "| doorbell µs | predicted PV µs/I/O | measured PV µs/I/O "
+             "| share of the gap explained | best ratio wake-ups allow |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+
+    def f(v: Any) -> str:
+        return "-" if v is None else f"{v:.2f}" if isinstance(v, float) and v < 10 else f"{v:.0f}"
+    for e in cost_model(result):
+        lines.append(f"| {e['iommu']} | {e['workload']} | {f(e['builtin_us'])} | "
+                     f"{f(e['round_trips'])} | {f(e['rtt_us'])} | {f(e['doorbell_us'])} | "
+                     f"{f(e.get('predicted_us'))} | {f(e['pv_us'])} | "
+                     f"{f(e.get('explained'))} | {f(e.get('floor_bound'))} |")
+    return "\n".join(lines)

@@ -123,3 +123,20 @@ def test_workloads_must_be_known(capsys):
     args = cli.build_parser().parse_args(["bench", "--workloads", "randread-4k-qd1,nope"])
     assert args.func(args) == 2
     assert "--workloads" in capsys.readouterr().err
+
+
+def test_the_cost_model_adds_round_trips_and_the_doorbell_to_the_anchor():
+    result = _result()
+    result["micro"] = {"floor": {"unpinned": {"median_us": 40.0}}, "rows": [
+        {"case": bench_report.MAP_UNMAP_CASE, "placement": "any", "median_us": 70.0},
+        {"case": bench_report.MAP_UNMAP_CASE, "placement": "same", "median_us": 20.0},
+        {"case": bench_report.DOORBELL_CASE, "placement": "any", "median_us": 130.0}]}
+    entry, big = bench_report.cost_model(result)  # the QD1 rows with both paths
+    assert big["workload"] == BIG.name and big["pv_us"] == round(1e6 / 90, 1)
+    assert entry["builtin_us"] == round(1e6 / 1040, 1) and entry["pv_us"] == 2500.0
+    assert entry["round_trips"] == 8.0 and entry["rtt_us"] == 70.0
+    assert entry["predicted_us"] == round(1e6 / 1040 + 8 * 70 + 130, 1)
+    assert entry["explained"] == round((8 * 70 + 130) / (2500 - 1e6 / 1040), 2)
+    assert entry["floor_bound"] == round((1e6 / 1040) / (1e6 / 1040 + 9 * 40), 2)
+    lines = bench_report.markdown_cost_model(result).splitlines()
+    assert len(lines) == 4 and lines[2].startswith(f"| strict | {QD1.name} | 962 | 8.00 | 70 |")
