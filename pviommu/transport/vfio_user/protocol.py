@@ -8,16 +8,13 @@ the data at message byte 28; see the project's vfio-user checklist, T3).
 
 from __future__ import annotations
 
-import array
-import asyncio
 import enum
 import socket
 import struct
 from dataclasses import dataclass, field
 
 from ..sockio import close_fds, recv_exact
-
-_FD_SIZE = array.array("i").itemsize
+from ..watched import WatchedSocket
 
 HEADER = struct.Struct("<HHIII")
 
@@ -197,42 +194,25 @@ def _check_header(msg_id: int, command: int, size: int, flags: int, max_size: in
                         msg_id, command, flags)
 
 
-def passed_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    """The file descriptors an SCM_RIGHTS control message carried."""
-    fds = array.array("i")
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[:len(data) - len(data) % _FD_SIZE])
-    return list(fds)
-
-
 class MessageReader:
-    """:func:`read_message` for one connection, its socket's readability watched by one
-    reader that stays registered while messages keep coming (instead of one added
-    and removed per message: that cost as much as the doorbell it delivered).
-
-    The reader is dropped when it fires with nobody waiting, so a peer that sends
-    while the connection is busy elsewhere never makes the loop spin; :meth:`close`
-    drops it for good (before the socket closes).
+    """:func:`read_message` for one connection, over a
+    :class:`~pviommu.transport.watched.WatchedSocket` (one reader registered while
+    messages keep coming instead of one added and removed per message: that cost
+    as much as the doorbell it delivered). :meth:`close` before the socket closes.
     """
 
     def __init__(self, sock: socket.socket, max_size: int = MAX_MESSAGE) -> None:
-        self.sock = sock
         self.max_size = max_size
-        self._fd = sock.fileno()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._waiter: asyncio.Future[None] | None = None
-        self._space = socket.CMSG_SPACE(_RECV_FDS * _FD_SIZE)
+        self._sock = WatchedSocket(sock, _RECV_FDS)
 
     async def read(self) -> Message:
         """The next message; raises as :func:`read_message` does."""
         fds: list[int] = []
         try:
-            header = await self._recv(HEADER.size, fds)
+            header = await self._sock.recv_exact(HEADER.size, fds)
             msg_id, command, size, flags, error = HEADER.unpack(header)
             _check_header(msg_id, command, size, flags, self.max_size)
-            payload = await self._recv(size - HEADER.size, fds) if size > HEADER.size \
-                else b""
+            payload = await self._sock.recv_exact(size - HEADER.size, fds)
         except BaseException:
             close_fds(fds)
             raise
@@ -240,49 +220,7 @@ class MessageReader:
 
     def close(self) -> None:
         """Stops watching the socket."""
-        if self._loop is not None:
-            self._loop.remove_reader(self._fd)
-            self._loop = None
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is None or waiter.done():
-            self.close()  # readable, but nobody waits: watched again by the next wait
-        else:
-            waiter.set_result(None)
-
-    async def _readable(self) -> None:
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
-            loop.add_reader(self._fd, self._wake)
-        self._waiter = loop.create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
-
-    async def _recv(self, n: int, fds: list[int]) -> bytes:
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        try:
-            while got < n:
-                try:
-                    nbytes, ancdata, _flags, _addr = self.sock.recvmsg_into([view[got:]],
-                                                                            self._space)
-                except (BlockingIOError, InterruptedError):
-                    await self._readable()
-                    continue
-                if ancdata:
-                    fds.extend(passed_fds(ancdata))
-                if nbytes == 0:
-                    raise EOFError("peer closed the connection" if got == 0 else
-                                   f"peer closed the connection after {got} of {n} bytes")
-                got += nbytes
-        finally:
-            view.release()
-        return bytes(buf)
+        self._sock.close()
 
 
 def encode(msg_id: int, command: int, payload: bytes = b"", flags: int = TYPE_COMMAND,
