@@ -13,13 +13,13 @@ import struct
 import time
 from collections import Counter
 
-from ..dma import DMA_ERRORS, DmaSpace
+from ..dma import DMA_ERRORS, DmaSpace, TranslationMiss
 from ..events import EventBus, FaultRecorded, IommuRequestDone
 from ..iommu.faults import Fault, FaultReason
 from ..iommu.pv import Negotiated, PvIommu, Status
 from ..virtio.device import VirtioDevice
 from ..virtio.features import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, bit
-from ..virtio.queue import Chain, SplitQueue, gather, scatter
+from ..virtio.queue import Chain, SplitQueue, VirtqueueError, gather, scatter
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +203,71 @@ class VirtioIommu(VirtioDevice):
             while (chain := queue.pop()) is not None:
                 queue.push(chain, self._request(queue.dma, chain))
         self.interrupt(index)
+
+    thread_queues = frozenset({REQUEST_QUEUE})
+
+    def kick_threaded(self, index: int) -> bool:
+        """MAP and UNMAP requests on the kick thread; anything else (another request
+        type, a malformed or unreadable one, a ring error, tracing) goes to the loop,
+        from that request on (ATTACH, DETACH and NEEDS_RESET publish events)."""
+        queue = self.queues.get(index)
+        if queue is None or index != REQUEST_QUEUE or self.needs_reset:
+            return True
+        if queue in self._ring_fills or self.events.wants(IommuRequestDone):
+            return False
+        dma = queue.dma
+        try:
+            while (chain := queue.pop()) is not None:
+                try:
+                    done = self._map_unmap(dma, queue, chain)
+                except Exception:  # a bug of ours: the loop's path makes it S_DEVERR
+                    log.exception("internal error on the kick thread")
+                    done = False
+                if not done:
+                    queue.unpop()
+                    return False
+            self.interrupt(index)
+        except (VirtqueueError, TranslationMiss, *DMA_ERRORS):
+            return False  # restartable: the loop meets it again and fails the device
+        return True
+
+    def _map_unmap(self, dma: DmaSpace, queue: SplitQueue, chain: Chain) -> bool:
+        """Executes and completes ``chain`` if it is a well-formed MAP or UNMAP whose
+        buffers are all readable and writable; else False, with nothing changed.
+
+        (If only the tail write fails, after the request took effect, False too: the
+        loop executes it again, the tail write fails again and breaks the device,
+        as it would have.)
+        """
+        readable_len = chain.readable_len
+        if chain.writable_len != TAIL_SIZE or readable_len < _UNMAP.size:
+            return False
+        try:
+            data = gather(dma, chain.readable, 0, min(readable_len, _MAX_READABLE))
+        except DMA_ERRORS:
+            return False
+        code = data[0]
+        if code == _MAP_CODE:
+            if readable_len < _MAP.size:
+                return False
+            name = "MAP"
+            domain, vstart, vend, pstart, flags = _MAP.unpack_from(data)
+            status = self.iommu.map(domain, vstart, vend, pstart, flags)
+        elif code == _UNMAP_CODE:
+            name = "UNMAP"
+            domain, vstart, vend, _reserved = _UNMAP.unpack_from(data)
+            status = self.iommu.unmap(domain, vstart, vend)
+        else:
+            return False
+        try:
+            scatter(dma, chain.writable, _TAILS[status])
+        except DMA_ERRORS:
+            return False
+        if status != _OK:
+            log.debug("%s -> %s", name, _STATUS_NAMES[status])
+        self.requests[(name, _STATUS_NAMES[status])] += 1
+        queue.push(chain, TAIL_SIZE)
+        return True
 
     def _process_traced(self, queue: SplitQueue) -> None:
         """:meth:`process`, publishing each request as an IommuRequestDone."""

@@ -211,6 +211,23 @@ class VirtioDevice:
         """Handles every available chain of ``queue``."""
         raise NotImplementedError
 
+    # -- queues served off the event loop --------------------------------------------------
+
+    thread_queues: frozenset[int] = frozenset()
+    """Queues whose kicks a transport may serve on a thread with :meth:`kick_threaded`."""
+
+    def kick_threaded(self, index: int) -> bool:
+        """:meth:`kick` on a transport's kick thread, holding the loop's lock
+        (:mod:`pviommu.loop_lock`).
+
+        Handles what can be handled without the event loop and returns True, or
+        returns False, having changed nothing the loop's :meth:`kick` would not
+        redo, when the rest must go to the loop (the transport schedules
+        :meth:`kick` there). It must not publish events, start or cancel tasks,
+        nor enter NEEDS_RESET: those belong to the loop.
+        """
+        return False
+
     # -- asynchronous requests -------------------------------------------------------------
 
     def serve(self, index: int, queue: SplitQueue, handler: RequestHandler) -> None:

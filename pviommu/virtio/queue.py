@@ -293,6 +293,11 @@ class SplitQueue:
         self.next_avail = (next_avail + 1) & 0xFFFF
         return chain
 
+    def unpop(self) -> None:
+        """Undoes the last :meth:`pop` (nothing was pushed since): the chain is popped
+        again next time."""
+        self.next_avail = (self.next_avail - 1) & 0xFFFF
+
     def _check_pending(self, avail_idx: int) -> None:
         pending = (avail_idx - self.next_avail) & 0xFFFF
         if pending > self.size:

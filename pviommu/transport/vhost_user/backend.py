@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeAlias
 
-from ... import irqfd
+from ... import irqfd, loop_lock
 from ...dma import DmaSpace
 from ...memory import GuestMemory, MemoryAccessError, RegionSpec
 from ...virtio.device import VirtioDevice
 from ...virtio.features import F_ACCESS_PLATFORM, F_EVENT_IDX, F_INDIRECT_DESC, bit
 from ...virtio.queue import SplitQueue, VirtqueueError
+from ..kick_thread import KickThread
 from ..unix_server import UnixServer
 from . import protocol as p
 from .backend_channel import BackendChannel, adopt_socket
@@ -91,6 +92,11 @@ class VhostUserConnection:
     Once ACCESS_PLATFORM is negotiated its ring addresses are I/O virtual
     addresses: the rings start over ``iova_dma``, the DMA space that translates
     through the IOTLB, which whoever wires the device sets.
+
+    With ``kick_threads`` the device's :attr:`~VirtioDevice.thread_queues` are
+    served by a :class:`~pviommu.transport.kick_thread.KickThread` each (spinning
+    ``poll_us`` after each batch), the rest of the work on the loop; otherwise
+    every kick wakes the loop.
     """
 
     BASE_PROTOCOL_FEATURES = (bit(PF.MQ) | bit(PF.REPLY_ACK) | bit(PF.CONFIG)
@@ -98,8 +104,12 @@ class VhostUserConnection:
 
     def __init__(self, device: VirtioDevice, sock: socket.socket,
                  stats: Counter[str] | None = None, allow_unsealed_memory: bool = False,
-                 iotlb_miss_timeout: float = 10.0) -> None:
+                 iotlb_miss_timeout: float = 10.0, kick_threads: bool = True,
+                 poll_us: int = 0) -> None:
         self.device = device
+        self.kick_threads = kick_threads
+        self.poll_us = poll_us
+        self._threads: dict[int, KickThread] = {}
         self.sock = sock
         self.memory = GuestMemory(allow_unsealed=allow_unsealed_memory)
         self.dma = device.bind_memory(self.memory)
@@ -178,11 +188,14 @@ class VhostUserConnection:
             return
         self._closed = True
         self.iotlb.close()
+        threads = list(self._threads.values())
         for ring in self.rings:
             self._stop_ring(ring)
             if ring.kick is not None:
-                self._loop.remove_reader(ring.kick)
+                self._unwatch_kick(ring)
             ring.close_fds()
+        for thread in threads:  # stopped: each ends at once (or after one lock poll)
+            thread.join(1.0)
         self.device.reset(system=True)
         if self.device.transport is self:
             self.device.transport = None
@@ -375,11 +388,11 @@ class VhostUserConnection:
         if fd is None:
             raise Refused("polling mode (no kick fd) is not supported")
         if ring.kick is not None:
-            self._loop.remove_reader(ring.kick)
+            self._unwatch_kick(ring)
             os.close(ring.kick)
         ring.kick = fd
         os.set_blocking(fd, False)
-        self._loop.add_reader(fd, self._on_kick, ring, fd)
+        self._watch_kick(ring, fd)
 
     def _interrupt_fd(self, msg: p.Message) -> tuple[Vring, int | None]:
         ring, fd = self._vring_fd(msg)
@@ -478,6 +491,31 @@ class VhostUserConnection:
 
     # -- rings ---------------------------------------------------------------------
 
+    def _watch_kick(self, ring: Vring, fd: int) -> None:
+        """Serves the kicks of ``fd``: on a kick thread if the device allows it, else
+        on the loop."""
+        if self.kick_threads and ring.index in self.device.thread_queues:
+            lock = loop_lock.install(self._loop)
+            if lock is not None:
+                try:
+                    self._threads[ring.index] = KickThread(
+                        fd, lock, lambda: self._on_thread_kick(ring),
+                        f"{self.device.name}-vring{ring.index}", self.poll_us,
+                        lambda: self._ring_pending(ring))
+                    return
+                except (OSError, RuntimeError) as e:  # no thread: the loop serves it
+                    log.warning("vring %d: no kick thread (%s); served on the loop",
+                                ring.index, str(e))
+        self._loop.add_reader(fd, self._on_kick, ring, fd)
+
+    def _unwatch_kick(self, ring: Vring) -> None:
+        """Stops serving the kicks of ``ring.kick`` (before it is closed or replaced)."""
+        thread = self._threads.pop(ring.index, None)
+        if thread is not None:
+            thread.stop()  # the loop holds the lock: no batch runs, none will
+        elif ring.kick is not None:
+            self._loop.remove_reader(ring.kick)
+
     def _on_kick(self, ring: Vring, kick: int) -> None:
         # ``kick`` is ring.kick: its reader is removed before ring.kick changes.
         try:
@@ -487,10 +525,38 @@ class VhostUserConnection:
         except OSError as e:
             log.error("vring %d: kick fd: %s", ring.index, str(e))
             return
+        self._kicked(ring)
+
+    def _kicked(self, ring: Vring) -> None:
         if not ring.started and not self._start_ring(ring):
             return
         if ring.enabled:
             self.device.kick(ring.index)
+
+    def _on_thread_kick(self, ring: Vring) -> None:
+        """A kick on the ring's kick thread (the loop's lock held): what the device
+        cannot do there, and starting the ring, are handed to the loop."""
+        if self._closed or (ring.started and not ring.enabled):
+            return
+        if ring.started and self.device.kick_threaded(ring.index):
+            return
+        with contextlib.suppress(RuntimeError):  # a closed loop: nothing to serve any more
+            self._loop.call_soon_threadsafe(self._kick_on_loop, ring)
+
+    def _kick_on_loop(self, ring: Vring) -> None:
+        if not self._closed and ring.index in self._threads:
+            self._kicked(ring)
+
+    def _ring_pending(self, ring: Vring) -> bool:
+        """Whether ``ring`` has buffers not processed yet (for a kick thread's polling;
+        the loop's lock held)."""
+        queue = self.device.queues.get(ring.index)
+        if self._closed or not ring.enabled or queue is None or self.device.needs_reset:
+            return False
+        try:
+            return queue.has_work()
+        except Exception:  # noqa: BLE001 - a ring that cannot be read: the next kick tells
+            return False
 
     def _start_ring(self, ring: Vring) -> bool:
         try:
@@ -567,14 +633,20 @@ class VhostUserServer:
     shrinking (see :func:`~pviommu.memory.check_memory_fd`); ``group`` may connect
     too (the socket is 0660), else the socket is owner-only. An IOTLB miss the
     frontend leaves unanswered for ``iotlb_miss_timeout`` seconds fails.
+    ``kick_threads`` and ``poll_us``: see :class:`VhostUserConnection`.
     """
 
     def __init__(self, path: Path, device: VirtioDevice,
                  on_connect: Callable[[VhostUserConnection], None] | None = None,
                  allow_unsealed_memory: bool = False, group: int | None = None,
-                 iotlb_miss_timeout: float = 10.0) -> None:
+                 iotlb_miss_timeout: float = 10.0, kick_threads: bool = True,
+                 poll_us: int = 0) -> None:
+        if poll_us < 0:
+            raise ValueError(f"poll_us {poll_us} is negative")
         self.path = Path(path)
         self.device = device
+        self.kick_threads = kick_threads
+        self.poll_us = poll_us
         self.on_connect = on_connect
         self.allow_unsealed_memory = allow_unsealed_memory
         self.iotlb_miss_timeout = iotlb_miss_timeout
@@ -593,7 +665,7 @@ class VhostUserServer:
 
     async def _serve(self, sock: socket.socket) -> None:
         conn = VhostUserConnection(self.device, sock, self.stats, self.allow_unsealed_memory,
-                                   self.iotlb_miss_timeout)
+                                   self.iotlb_miss_timeout, self.kick_threads, self.poll_us)
         self.connection = conn
         try:
             if self.on_connect is not None:
