@@ -38,7 +38,7 @@ from .microbench import markdown as microbench_markdown
 from .microbench.__main__ import main as microbench_main
 from .qmp.server import MAX_CLIENTS as QMP_MAX_CLIENTS
 from .report import format_report
-from .scenarios import bench, bench_report, dma, pv, vsmmu
+from .scenarios import bench, bench_report, dma, pv, soak, vsmmu
 from .scenarios.workloads import BY_NAME
 from .transport.unix_socket import SocketPathError, resolve_group
 from .transport.vfio_user.protocol import MAX_DMA_MAPS
@@ -167,6 +167,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(table(result))
             print()
     return 0
+
+
+def cmd_soak(args: argparse.Namespace) -> int:
+    unknown = [m for m in args.modes if m not in soak.MODES]
+    if unknown or not args.modes or args.minutes <= 0:
+        print(f"pviommu: error: --modes takes some of {','.join(soak.MODES)}, --minutes a "
+              "positive number", file=sys.stderr)
+        return 2
+    provision.setup()
+    plan = soak.SoakPlan(seconds=args.minutes * 60, modes=tuple(args.modes))
+    reports = asyncio.run(soak.run(plan, args.workdir,
+                                   progress=lambda line: print(line, file=sys.stderr)))
+    print(json.dumps(reports, indent=2) if args.json else soak.markdown(reports))
+    return 0 if all(soak.ok(r) for r in reports) else 1
 
 
 def _endpoint_id(text: str) -> int:
@@ -488,6 +502,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("microbench", help="measure the backend alone against this machine's "
                    "wake-up floor (BENCHMARKS.md); `pviommu microbench --help` for its options")
+
+    p = sub.add_parser("soak", help="guest I/O under faults and revocations for minutes: "
+                                    "nothing lost, nothing leaked (exit 1 otherwise)")
+    p.add_argument("--minutes", type=float, default=10, help="per mode (default %(default)g)")
+    p.add_argument("--modes", type=lambda s: [x for x in s.split(",") if x],
+                   default=list(soak.MODES), help="some of pv,vsmmu (default: both)")
+    p.add_argument("--json", action="store_true", help="print the reports as JSON")
+    p.add_argument("--workdir", type=Path, help="where the labs' files go (kept)")
+    p.set_defaults(func=cmd_soak)
 
     p = sub.add_parser("shell", help="boot a lab (a topology file, docs/LAB.md) and hand "
                                      "over the guest's console")
