@@ -127,6 +127,7 @@ class Region:
             raise ValueError(f"memory region at {spec.gpa:#x} wraps the address space")
         self.spec = spec
         self.writable = writable
+        self._end = spec.gpa + spec.size
         self._mmap: mmap.mmap | None = None
         self.view: memoryview | None = None
         if fd is None:
@@ -147,7 +148,7 @@ class Region:
     @property
     def end(self) -> int:
         """Guest physical address one past the last byte."""
-        return self.spec.gpa + self.spec.size
+        return self._end
 
     def close(self) -> None:
         """Unmaps the region; views still held elsewhere keep it alive until released."""
@@ -263,7 +264,7 @@ class GuestMemory:
         i = bisect.bisect_right(self._starts, gpa) - 1
         if i >= 0 and length >= 0:
             r = self._regions[i]
-            if gpa + length <= r.end:
+            if gpa + length <= r._end:
                 return r
         raise MemoryAccessError(gpa, length)
 
@@ -298,11 +299,24 @@ class GuestMemory:
 
     def read(self, gpa: int, length: int) -> bytes:
         """Copies ``length`` bytes from ``gpa``."""
-        return bytes(self.view(gpa, length, write=False))
+        r = self._region(gpa, length)  # view(), inlined: the virtqueues' hot path
+        view = r.view
+        if view is None:
+            raise RemoteMemoryError(gpa, length)
+        off = gpa - r.spec.gpa
+        return bytes(view[off:off + length])
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         """Copies ``data`` to ``gpa``."""
-        self.view(gpa, len(data))[:] = data
+        length = len(data)
+        r = self._region(gpa, length)  # view(), inlined: the virtqueues' hot path
+        if not r.writable:
+            raise MemoryAccessError(gpa, length, problem="is in read-only memory")
+        view = r.view
+        if view is None:
+            raise RemoteMemoryError(gpa, length)
+        off = gpa - r.spec.gpa
+        view[off:off + length] = data
 
     def uaddr_to_gpa(self, uaddr: int, length: int = 1) -> int:
         """Converts a frontend virtual address (vhost-user ring addresses) to a gpa."""
