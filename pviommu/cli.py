@@ -222,6 +222,16 @@ def _endpoint_device(kind: str, transport: str = "vfio-user") -> Callable[[str],
     return parse
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
 def _range(text: str) -> tuple[int, int]:
     """START:END (inclusive), numbers in any base Python accepts."""
     try:
@@ -377,7 +387,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            max_dma_maps=args.max_dma_maps,
                            qmp_max_clients=args.qmp_max_clients,
                            allow_unsealed_memory=args.allow_unsealed_memory,
-                           trace=args.trace)
+                           trace=args.trace, kick_thread=not args.no_kick_thread,
+                           poll_us=args.poll_us)
     if os.environ.get("PVIOMMU_DEBUG_NO_GC"):
         gc.disable()  # tests: a gone client's memory must be freed without the collector
     try:
@@ -445,6 +456,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-dma-maps", type=_max_dma_maps, default=DEFAULT_MAX_DMA_MAPS,
                    metavar="N", help="DMA maps one vfio-user client may hold per endpoint; "
                                      "past it DMA_MAP fails with ENOSPC (default %(default)s)")
+    p.add_argument("--poll-us", type=_non_negative, default=0, metavar="N",
+                   help="after each batch of PV-IOMMU requests, spin N microseconds for the "
+                        "next one before blocking (default 0: block at once); wins only with "
+                        "a core to spare (BENCHMARKS.md)")
+    p.add_argument("--no-kick-thread", action="store_true",
+                   help="serve the PV-IOMMU's request queue on the event loop instead of its "
+                        "own thread")
     p.add_argument("--trace", type=Path, metavar="FILE",
                    help="write the IOMMU traffic to FILE as a Trace Event Format timeline "
                         "(Perfetto, chrome://tracing; docs/TRACING.md)")

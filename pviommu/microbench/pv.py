@@ -122,6 +122,8 @@ def run_pv(workdir: Path, requests: int, placements: tuple[str, ...],
            profile: Path | None = None) -> list[dict[str, Any]]:
     """MAP/UNMAP and vfio-user blk rows, one per placement each."""
     args, sockets = pv_command(workdir)
+    if profile is not None:  # cProfile sees the main thread only: keep the queue there
+        args.append("--no-kick-thread")
     rows = []
     with ServedBackend(args, sockets, workdir / "serve-pv.log", profile) as served:
         guest = PvGuest(*sockets)
