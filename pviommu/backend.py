@@ -21,6 +21,8 @@ from .events import DeviceNeedsReset, EventBus, MappingRevoked, RevokedMemoryChe
 from .iommu.dma_space import TranslatedDma
 from .iommu.pv import IommuConfig, PvIommu
 from .iommu.revocation import Revocations
+from .iommu.stage2 import Stage2
+from .iommu.stage2_store import Stage2Store
 from .iommu.vsmmu import Vsmmu
 from .memory import GuestMemory, MemoryAccessError
 from .qmp.dma import DmaCommands
@@ -72,6 +74,10 @@ class BackendConfig:
     """Microseconds that thread spins after a batch, watching for the next request,
     before it blocks again (0: it blocks at once). Saves the backend's wake-up when
     requests follow closely; worth it only with a core to spare."""
+    state_dir: Path | None = None
+    """Where the backend keeps what a restart must find again (vSMMU mode: stage 2,
+    in stage2.sqlite); a backend started with the same directory takes it up
+    instead of the identity map. None: nothing is kept."""
 
     def endpoint_ids(self) -> list[int] | None:
         """The IDs that exist behind the PV-IOMMU (None: any), its devices' included."""
@@ -119,8 +125,9 @@ class Backend:
         self.commands = ViommuCommands(self.qmp, self.iommu, self.device, self._transport_stats,
                                        self.events, self.revocations)
         # One guest, one stage 2: shared by every vSMMU endpoint.
-        self.vsmmu = (Vsmmu(self.events) if any(d.mode == "vsmmu" for d in config.devices)
-                      else None)
+        self.stage2_store: Stage2Store | None = None
+        self.vsmmu = (Vsmmu(self.events, self._stage2())
+                      if any(d.mode == "vsmmu" for d in config.devices) else None)
         self.endpoints: dict[int, Endpoint | VsmmuEndpoint] = {
             d.endpoint: self._endpoint(d) for d in config.devices}
         if self.vsmmu is not None:
@@ -133,6 +140,16 @@ class Backend:
         self.events.listen(self._check_revoked, MappingRevoked)
         self._announce_needs_reset()
         self.trace: TraceRecorder | None = None
+
+    def _stage2(self) -> Stage2:
+        """The guest's stage 2: the saved one if the state directory holds it."""
+        stage2 = Stage2()
+        if self.config.state_dir is not None:
+            self.stage2_store = Stage2Store.in_dir(self.config.state_dir)
+            if self.stage2_store.attach(stage2):
+                log.info("stage 2 taken up from %s (generation %d)",
+                         self.stage2_store.path, stage2.generation)
+        return stage2
 
     def _endpoint(self, spec: EndpointSpec) -> Endpoint | VsmmuEndpoint:
         if spec.mode == "vsmmu":
@@ -248,6 +265,9 @@ class Backend:
             if self.trace is not None:
                 self.trace.close()
                 self.trace = None
+            if self.stage2_store is not None:
+                self.stage2_store.close()
+                self.stage2_store = None
 
     async def __aenter__(self) -> Backend:
         await self.start()

@@ -13,13 +13,22 @@ host (QMP): a region already known is never mapped again behind the host's
 back by another endpoint's memory table. ``generation`` grows on every
 change that may take a translation away (unmap, protect, a map over a
 mapping), so composed translations and ring views cached before are dropped.
+
+Whoever must keep stage 2 across a backend restart sets :attr:`Stage2.on_change`
+(called with each change, a :class:`Stage2Change`, the adoption of RAM included)
+and rebuilds it in a fresh one with :meth:`Stage2.restore` (a snapshot of the
+ranges) and :meth:`Stage2.replay` (the changes since, in order: the same tables
+and generation as before, since the builder is deterministic);
+:mod:`pviommu.iommu.stage2_store` does both.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..vmsa import Access as VmsaAccess
 from ..vmsa import (
@@ -64,6 +73,18 @@ class Stage2Range:
         return self.ipa + self.size - 1
 
 
+class Stage2Change(NamedTuple):
+    """One change made to stage 2, as it is replayed: ``op`` is "adopt" (a RAM region
+    ``ipa``+``size``), "map", "unmap" or "protect"; ``perm`` is an int of
+    :class:`~pviommu.vmsa.Perm`."""
+
+    op: str
+    ipa: int
+    size: int
+    pa: int = 0
+    perm: int = 0
+
+
 class Stage2:
     """One guest's stage-2 translation: builder, walker, RAM adoption, generation."""
 
@@ -76,6 +97,9 @@ class Stage2:
         self.walker: Walker = self.builder.walker()
         self.generation = 0
         self.ram: list[tuple[int, int]] = []  # adopted guest RAM regions (gpa, size)
+        self.on_change: Callable[[Stage2Change], None] | None = None
+        """Called after every change (a failed one included: it may have split or
+        dropped entries), e.g. to persist it."""
 
     @property
     def ias(self) -> int:
@@ -100,7 +124,44 @@ class Stage2:
             self.ram.append((lo, hi - lo))
             added += 1
             log.info("stage 2: guest RAM IPA %#x+%#x mapped to itself, RW", lo, hi - lo)
+            if self.on_change is not None:
+                self.on_change(Stage2Change("adopt", lo, hi - lo))
         return added
+
+    def restore(self, ram: list[tuple[int, int]], ranges: list[Stage2Range],
+                generation: int) -> None:
+        """Makes this (fresh) stage 2 the one saved: the RAM regions adopted, the ranges
+        mapped, the generation. The same RAM handed over again is then not remapped."""
+        if self.ram or self.generation:
+            raise Stage2Error("stage 2 can only be restored into a fresh one")
+        for r in ranges:
+            self._check(r.ipa, r.size, r.pa)
+            self._edit(functools.partial(self.builder.map, r.ipa, r.pa, r.size,
+                                         s2_attrs(r.perm)), None)
+        self.ram = [(gpa, size) for gpa, size in ram]
+        self.generation = generation
+
+    def replay(self, change: Stage2Change) -> None:
+        """Makes ``change`` again, without telling :attr:`on_change`; one that failed
+        when it was made fails the same way again, and is passed over."""
+        notify, self.on_change = self.on_change, None
+        try:
+            if change.op == "adopt":
+                self.adopt([(change.ipa, change.size)])
+            elif change.op == "map":
+                self.map(change.ipa, change.pa, change.size, Perm(change.perm))
+            elif change.op == "unmap":
+                self.unmap(change.ipa, change.size)
+            elif change.op == "protect":
+                self.protect(change.ipa, change.size, Perm(change.perm))
+            else:
+                raise Stage2Error(f"unknown stage-2 change {change.op!r}")
+        except Stage2Error as e:
+            if change.op not in ("map", "unmap", "protect"):
+                raise
+            log.debug("stage 2: replayed %s failed again: %s", change, e)
+        finally:
+            self.on_change = notify
 
     # -- what the host (QMP) does ----------------------------------------------------------
 
@@ -119,19 +180,21 @@ class Stage2:
         """Maps IPA ``[ipa, ipa+size)`` to ``[pa, pa+size)`` with ``perm`` (replacing what
         was there)."""
         self._check(ipa, size, pa)
-        self._edit(lambda: self.builder.map(ipa, pa, size, s2_attrs(perm)))
+        self._edit(lambda: self.builder.map(ipa, pa, size, s2_attrs(perm)),
+                   Stage2Change("map", ipa, size, pa, int(perm)))
 
     def unmap(self, ipa: int, size: int) -> None:
         """Unmaps IPA ``[ipa, ipa+size)``; holes stay holes."""
         self._check(ipa, size)
-        self._edit(lambda: self.builder.unmap(ipa, size))
+        self._edit(lambda: self.builder.unmap(ipa, size), Stage2Change("unmap", ipa, size))
 
     def protect(self, ipa: int, size: int, perm: Perm) -> None:
         """Sets the permissions of everything mapped in ``[ipa, ipa+size)``."""
         self._check(ipa, size)
-        self._edit(lambda: self.builder.protect(ipa, size, s2_perm_bits(perm)))
+        self._edit(lambda: self.builder.protect(ipa, size, s2_perm_bits(perm)),
+                   Stage2Change("protect", ipa, size, 0, int(perm)))
 
-    def _edit(self, change: Callable[[], None]) -> None:
+    def _edit(self, change: Callable[[], None], record: Stage2Change | None) -> None:
         try:
             change()
         except TablePoolExhausted as e:
@@ -139,6 +202,8 @@ class Stage2:
         finally:
             # Even a change that failed half-way may have split or dropped entries.
             self.generation += 1
+            if record is not None and self.on_change is not None:
+                self.on_change(record)
 
     # -- reading it back -------------------------------------------------------------------
 
