@@ -45,12 +45,13 @@ class BackendProcess:
         """The backend's PID while it runs."""
         return self.proc.pid if self.proc is not None else None
 
-    async def start(self, timeout: float = 30) -> None:
-        """Starts the backend and waits until it listens on every socket."""
+    async def start(self, timeout: float = 30, append: bool = False) -> None:
+        """Starts the backend and waits until it listens on every socket; ``append``:
+        its log goes after the one of the run before."""
         for s in self.sockets:
             s.unlink(missing_ok=True)
         log.info("starting %s", " ".join(self.argv))
-        with open(self.log_file, "wb") as out:
+        with open(self.log_file, "ab" if append else "wb") as out:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
                 preexec_fn=die_with_parent, env=dict(os.environ, PYTHONUNBUFFERED="1"))
@@ -76,6 +77,22 @@ class BackendProcess:
     def exited(self) -> int | None:
         """The exit status if the backend has exited, else None."""
         return self.proc.returncode if self.proc is not None else None
+
+    async def restart(self, kill: bool = True, timeout: float = 30) -> int | None:
+        """Ends the backend, with SIGKILL (``kill``: nothing cleaned up, as a crash)
+        or as :meth:`stop` does, and starts the same command line again, waiting until
+        it listens; the exit status of the one that ended."""
+        proc = self.proc
+        if kill and proc is not None and proc.returncode is None:
+            log.info("killing the backend (pid %s)", proc.pid)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+        status = await self.stop()
+        with open(self.log_file, "ab") as out:
+            out.write(f"--- pviommu lab: backend ended ({status}), restarted ---\n".encode())
+        await self.start(timeout, append=True)
+        return status
 
     async def stop(self, timeout: float = 10) -> int | None:
         """Stops the backend (SIGTERM, then SIGKILL after ``timeout``); its exit

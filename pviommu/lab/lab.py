@@ -38,6 +38,7 @@ from ..provision import GuestAssets, fetch_guest, find_qemu
 from .backend_process import BackendError, BackendProcess
 from .faults import lab_faults
 from .machine import (
+    STATE_DIR,
     WIRINGS,
     LabEndpoint,
     build_lab_image,
@@ -126,6 +127,12 @@ class Lab:
         return self.workdir / "backend.log"
 
     @property
+    def state_dir(self) -> Path:
+        """The backend's state directory (``pviommu serve --state``; a vsmmu lab with a
+        reconnecting disk passes it): what a restarted backend takes up."""
+        return self.workdir / STATE_DIR
+
+    @property
     def _wiring(self) -> Any:
         return WIRINGS[self.topology.iommu.kind]
 
@@ -202,11 +209,43 @@ class Lab:
             await self.backend.start()
         except BackendError as exc:
             raise LabError(str(exc)) from None
-        client = QMPClient("pviommu-lab")
         self._history = EventListener()
+        await self._connect_backend_qmp()
+
+    async def _connect_backend_qmp(self) -> None:
+        qmp = self.backend_qmp_socket
+        assert qmp is not None and self._history is not None
+        client = QMPClient("pviommu-lab")
         client.register_listener(self._history)
         await client.connect(str(qmp))
         self._backend_qmp = client
+
+    async def restart_backend(self, kill: bool = True, timeout: float = 30) -> float:
+        """Ends the backend (SIGKILL, or SIGTERM with ``kill=False``) and starts the same
+        ``pviommu serve`` command line again; returns once it listens, with its QMP
+        client reconnected (:attr:`backend_qmp`; :attr:`backend_events` goes on from
+        the history of the one before). Returns the seconds it was away.
+
+        Only what reconnects comes back: in vsmmu mode a blk endpoint with
+        ``reconnect-ms``, whose stage 2 the backend takes up from its state
+        directory (docs/ARCHITECTURE.md "Restarting the backend")."""
+        if self.backend is None:
+            raise LabError(f"no backend to restart: IOMMU kind {self.topology.iommu.kind!r} "
+                           "has none" if not self._wiring.served else "the lab is not running")
+        old, self._backend_qmp = self._backend_qmp, None
+        if old is not None:
+            if self._history is not None:
+                old.remove_listener(self._history)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(old.disconnect(), 10)
+        began = time.monotonic()
+        try:
+            status = await self.backend.restart(kill, timeout)
+        except BackendError as exc:
+            raise LabError(str(exc)) from None
+        log.info("backend restarted (the one before ended with status %s)", status)
+        await self._connect_backend_qmp()
+        return round(time.monotonic() - began, 3)
 
     async def stop(self, failed: bool = False) -> None:
         """Stops QEMU, then the backend; removes a temporary workdir unless ``failed``.

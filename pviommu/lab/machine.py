@@ -29,6 +29,9 @@ from .topology import Endpoint, Topology, TopologyError
 BASE_KERNEL_ARGS = "console=ttyAMA0 panic=-1 quiet"
 MODULES = {"blk": "virtio_blk", "rng": "virtio-rng"}
 """The guest driver of each endpoint kind."""
+STATE_DIR = "backend-state"
+"""The backend's state directory (``pviommu serve --state``) in the lab's workdir,
+beside the sockets."""
 
 
 @dataclass(frozen=True)
@@ -182,14 +185,21 @@ class VsmmuWiring(Wiring):
         args: list[str] = []
         for ep in endpoints:
             args += _serve_endpoint(ep, f"vsmmu-{ep.kind}")
+        # A disk that reconnects needs the backend's stage 2 back after a restart.
+        if any(ep.description.reconnect_ms for ep in endpoints):
+            args += ["--state", str(viommu.parent / STATE_DIR)]
         return args
 
     def devices(self, topology: Topology, endpoints: list[LabEndpoint],
                 viommu: Path) -> list[Device]:
         out: list[Device] = []
         for n, ep in enumerate(endpoints):
-            cls = VhostUserBlkPci if ep.kind == "blk" else VhostUserRngPci
-            out.append(cls(socket=_socket(ep), addr=ep.address, id=f"v{ep.kind}{n}"))
+            if ep.kind == "blk":
+                out.append(VhostUserBlkPci(socket=_socket(ep), addr=ep.address, id=f"vblk{n}",
+                                           reconnect_ms=ep.description.reconnect_ms))
+            else:
+                out.append(VhostUserRngPci(socket=_socket(ep), addr=ep.address,
+                                           id=f"vrng{n}"))
         return out
 
 

@@ -128,7 +128,9 @@ class Endpoint:
     created sparse (an existing one must have that size); with neither, the lab
     gives it a fresh image of :data:`DEFAULT_DISK` bytes. ``address`` is the
     PCI address ("DEV.FN"; only with ``count`` 1); None places it after the
-    IOMMU and the endpoints before it.
+    IOMMU and the endpoints before it. ``reconnect_ms`` (vsmmu blk only) makes
+    QEMU reconnect to a restarted backend that often (its chardev's
+    ``reconnect-ms``); None: the disk dies with the backend.
     """
 
     kind: str
@@ -138,6 +140,7 @@ class Endpoint:
     serial: str = DEFAULT_SERIAL
     count: int = 1
     address: str | None = None
+    reconnect_ms: int | None = None
 
 
 @dataclass(frozen=True)
@@ -316,7 +319,8 @@ _IOMMU_KEYS = {"kind": "kind", "strict": "strict", "passthrough": "passthrough",
                "domain-range": "domain_range", "probe-size": "probe_size", "mmio": "mmio",
                "msi-region": "msi_region"}
 _ENDPOINT_KEYS = {"kind": "kind", "image": "image", "size": "size", "ro": "read_only",
-                  "serial": "serial", "count": "count", "address": "address"}
+                  "serial": "serial", "count": "count", "address": "address",
+                  "reconnect-ms": "reconnect_ms"}
 
 
 class _Reader:
@@ -400,8 +404,9 @@ class _Reader:
         if "read_only" in fields:
             fields["read_only"] = _typed(fields["read_only"], f"{where}.ro", bool,
                                          "true or false")
-        if "count" in fields:
-            fields["count"] = _typed(fields["count"], f"{where}.count", int, "an integer")
+        for name, key in (("count", "count"), ("reconnect_ms", "reconnect-ms")):
+            if name in fields:
+                fields[name] = _typed(fields[name], f"{where}.{key}", int, "an integer")
         return Endpoint(**fields)
 
     def _fields(self, data: dict[str, Any], where: str, known: dict[str, str]) -> dict[str, Any]:
@@ -523,6 +528,10 @@ def _check_topology(t: Topology) -> None:
     for i, ep in enumerate(t.endpoints):
         where = f"endpoints[{i}]"
         _check_endpoint(ep, where)
+        if ep.reconnect_ms is not None and t.iommu.kind != "vsmmu":
+            raise TopologyError(f"{where}.reconnect-ms", "only a vsmmu disk reconnects (QEMU "
+                                "10.2 reconnects vhost-user-blk-pci alone), not "
+                                f'kind = "{t.iommu.kind}"')
         if ep.address:
             addr = _check_addr(ep.address, f"{where}.address")
             if addr in addrs:
@@ -591,6 +600,10 @@ def _check_endpoint(ep: Endpoint, where: str) -> None:
         raise TopologyError(f"{where}.address", "only an endpoint with count = 1 has an "
                             "address (the others are placed one after the other)")
     if ep.kind != "blk":
+        if ep.reconnect_ms is not None:
+            raise TopologyError(f"{where}.reconnect-ms", "only a blk endpoint reconnects: "
+                                "QEMU 10.2 does not even start a vhost-user-rng-pci whose "
+                                "chardev has reconnect-ms")
         default = Endpoint(ep.kind)
         for key in ("image", "size", "ro", "serial"):
             name = _ENDPOINT_KEYS[key]
@@ -602,6 +615,8 @@ def _check_endpoint(ep: Endpoint, where: str) -> None:
         raise TopologyError(f"{where}.image", "endpoints with count > 1 cannot share one "
                             "image: leave it out (each gets a fresh one of size) or list "
                             "them one by one")
+    if ep.reconnect_ms is not None:
+        _check_int(ep.reconnect_ms, f"{where}.reconnect-ms", 1, None)
     if ep.size is not None:
         _check_int(ep.size, f"{where}.size", 1, None)
         if ep.size % 512:

@@ -148,6 +148,15 @@ BAD = [
     ({"load-modules": [3]}, "load-modules[0]", ["module name"]),
     ({"iommu": {"kind": "smmuv3", "max-domains": 3}}, "iommu.max-domains",
      ["only the PV-IOMMU"]),
+    ({"iommu": {"kind": "vsmmu"}, "endpoints": [{"kind": "rng", "reconnect-ms": 200}]},
+     "endpoints[0].reconnect-ms", ["only a blk endpoint", "does not even start"]),
+    *[({"iommu": {"kind": k}, "endpoints": [{"kind": "blk", "reconnect-ms": 200}]},
+       "endpoints[0].reconnect-ms", ["only a vsmmu disk", f'"{k}"'])
+      for k in ("pv", "builtin", "smmuv3", "none")],
+    ({"iommu": {"kind": "vsmmu"}, "endpoints": [{"kind": "blk", "reconnect-ms": 0}]},
+     "endpoints[0].reconnect-ms", ["out of range"]),
+    ({"iommu": {"kind": "vsmmu"}, "endpoints": [{"kind": "blk", "reconnect-ms": "1s"}]},
+     "endpoints[0].reconnect-ms", ["an integer"]),
 ]
 
 
@@ -193,6 +202,8 @@ def test_sizes_take_units_and_integers():
              kernel_args=("quiet", "dyndbg=+p"),
              files=(ExtraFile(Path("/bin/tool"), "/usr/bin/tool"),)),
     Topology(iommu=Iommu(kind="smmuv3", strict=True), load_modules=()),
+    Topology(iommu=Iommu(kind="vsmmu"), endpoints=(Endpoint("blk", reconnect_ms=200),
+                                                   Endpoint("rng"))),
     Topology(load_modules=("virtio_iommu", "virtio_blk")),
     Topology(iommu=Iommu(page_size_mask=0xFFFFFFFFFFFF0000, input_range=(0x1000, 0xFFFFFFFF),
                          domain_range=(1, 100), probe_size=1024, mmio=True, msi_region=False)),
@@ -269,3 +280,21 @@ def test_wide_integers_may_be_strings_in_toml():
     assert t.iommu.page_size_mask == 0xFFFFFFFFFFFF0000
     with pytest.raises(TopologyError, match="iommu.page-size-mask"):
         Topology.from_dict({"iommu": {"page-size-mask": "lots"}})
+
+
+def test_a_reconnecting_vsmmu_disk_gets_reconnect_ms_and_the_backend_a_state_dir(tmp_path):
+    from pviommu.lab.machine import STATE_DIR, WIRINGS, lab_endpoints
+
+    t = Topology(iommu=Iommu(kind="vsmmu"),
+                 endpoints=(Endpoint("blk", reconnect_ms=200), Endpoint("rng")))
+    eps = lab_endpoints(t, tmp_path, served=True)
+    wiring = WIRINGS["vsmmu"]
+    argv = [a for d in wiring.devices(t, eps, tmp_path / "viommu.sock") for a in d.qemu_args()]
+    chardevs = [a for a in argv if a.startswith("socket,")]
+    assert chardevs[0].endswith(",reconnect-ms=200")
+    assert "reconnect-ms" not in chardevs[1]  # the rng: QEMU would not start
+    args = wiring.backend_args(t, eps, tmp_path / "viommu.sock")
+    assert args[args.index("--state") + 1] == str(tmp_path / STATE_DIR)
+    plain = Topology(iommu=Iommu(kind="vsmmu"))
+    assert "--state" not in wiring.backend_args(plain, lab_endpoints(plain, tmp_path, True),
+                                                tmp_path / "viommu.sock")
