@@ -210,8 +210,9 @@ def _run_hypothesis(target: Target, seconds: float, work: Path, artifacts: Path)
 
     quiet_logging()
     one_input = target.load()
-    result = Result(target.name, "hypothesis (random inputs, shrinking; atheris is not "
-                    "installed, so no coverage guidance)", 0.0)
+    result = Result(target.name, "hypothesis (random inputs with shrinking, no coverage "
+                    "guidance" + ("" if atheris_available() else ": atheris is not installed")
+                    + ")", 0.0)
     lines = _Lines()
     failing: list[bytes] = []
 

@@ -40,6 +40,9 @@ DESC = struct.Struct("<QIHH")
 SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MAX_MOVE = 1 << 13
 """Bytes a gather or scatter moves at most per chain (bounded work per input)."""
+MAX_POPS = 18
+"""Chains popped at most per input: each walk may take a whole table (256 descriptors,
+twice with the reference), and inputs must stay cheap."""
 
 _ram: Ram | None = None
 
@@ -190,7 +193,7 @@ def one_input(data: bytes) -> None:
     except MemoryAccessError:
         check(not mem.contains(used, 6 + 8 * size), "queue set-up failed on rings in memory")
         return
-    for _ in range(size + 2):
+    for _ in range(min(size + 2, MAX_POPS)):
         before = queue.next_avail
         avail_idx = int.from_bytes(mem.view[avail - GPA + 2:avail - GPA + 4], "little")
         head = int.from_bytes(mem.view[avail - GPA + 4 + 2 * (before % size):][:2], "little")

@@ -69,6 +69,27 @@ def test_short_fuzz_run_finds_nothing(target, tmp_path):
     assert not result.findings, result.summary() + "\n" + result.output[-4000:]
 
 
+def test_a_finding_is_reported_with_its_input(tmp_path, monkeypatch):
+    """The whole pipeline on a known fault: the pending crash input as the corpus, with
+    nothing tolerated, is a finding whose input is written out."""
+    crashes = [(t, p) for t, p in _inputs(CRASHES)]
+    if not crashes:
+        pytest.skip("no crash input in the repository")
+    target, path = crashes[0]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / path.name).write_bytes(path.read_bytes())
+    monkeypatch.setenv("PVIOMMU_FUZZ_STRICT", "1")
+    result = engine.run(target, 1.0, corpus, tmp_path / "artifacts")
+    if f"{target}/{path.name}" not in PENDING:
+        assert not result.findings, result.summary()
+        return
+    assert len(result.findings) == 1, result.summary() + result.output[-3000:]
+    finding = result.findings[0]
+    assert finding.kind == "crash" and "Finding" in finding.message, result.summary()
+    assert finding.path is not None and finding.path.read_bytes() == path.read_bytes()
+
+
 def test_cli_lists_the_targets(capsys):
     import argparse
 
