@@ -20,6 +20,7 @@ import libfdt
 from . import kconfig, provision
 from .backend import Backend, BackendConfig
 from .endpoints import EndpointSpec, create_image, kind_option, parse_endpoint_id
+from .fuzz.cli import add_fuzz_parser
 from .iommu.pv import IommuConfig, ResvRegion, ResvType
 from .lab import LabError, TopologyError
 from .lab.commands import add_lab_options, cmd_run, cmd_shell
@@ -520,6 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("microbench", help="measure the backend alone against this machine's "
                    "wake-up floor (BENCHMARKS.md); `pviommu microbench --help` for its options")
+
+    add_fuzz_parser(sub)
 
     p = sub.add_parser("soak", help="guest I/O under faults and revocations for minutes: "
                                     "nothing lost, nothing leaked (exit 1 otherwise)")

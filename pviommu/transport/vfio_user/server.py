@@ -269,6 +269,7 @@ class VfioUserConnection:
                 log.error("%s: %s; closing the connection", self.name, str(e))
                 self.stats["protocol_errors"] += 1
                 if (e.command is not None and not e.flags & p.FLAG_NO_REPLY
+                        and e.command not in _NEVER_ANSWERED
                         and e.flags & p.FLAG_TYPE_MASK == p.TYPE_COMMAND):
                     with contextlib.suppress(ConnectionError):
                         await self._send(p.error_reply(e.id or 0, e.command, errno.E2BIG))
