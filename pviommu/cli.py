@@ -389,6 +389,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            qmp_max_clients=args.qmp_max_clients,
                            allow_unsealed_memory=args.allow_unsealed_memory,
                            trace=args.trace, kick_thread=not args.no_kick_thread,
+                           state_dir=args.state,
                            poll_us=args.poll_us)
     if os.environ.get("PVIOMMU_DEBUG_NO_GC"):
         gc.disable()  # tests: a gone client's memory must be freed without the collector
@@ -457,6 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-dma-maps", type=_max_dma_maps, default=DEFAULT_MAX_DMA_MAPS,
                    metavar="N", help="DMA maps one vfio-user client may hold per endpoint; "
                                      "past it DMA_MAP fails with ENOSPC (default %(default)s)")
+    p.add_argument("--state", type=Path, metavar="DIR",
+                   help="keep what a restarted backend must take up (the vSMMU's stage 2) in "
+                        "DIR, and take it up from there at start (docs/ARCHITECTURE.md, "
+                        "\"Restarting the backend\")")
     p.add_argument("--poll-us", type=_non_negative, default=0, metavar="N",
                    help="after each batch of PV-IOMMU requests, spin N microseconds for the "
                         "next one before blocking (default 0: block at once); wins only with "
