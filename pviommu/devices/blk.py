@@ -169,6 +169,7 @@ class VirtioBlk(TracedRequests, VirtioDevice):
     device_id = DEVICE_ID
     num_queues = 1
     name = "virtio-blk"
+    resubmittable = True  # a request done again writes or reads the same blocks
 
     def __init__(self, image: Path, *, read_only: bool = False, serial: str = DEFAULT_SERIAL,
                  access_platform: bool = True, queue_size: int = 256) -> None:

@@ -33,7 +33,7 @@ from .common import Bytes, check, loop, run_async
 
 MEMFD_SIZE = 1 << 16
 _KNOWN = [int(r) for r in p.Request]
-_GETS = {1, 11, 15, 17, 24, 36, 40}  # requests whose answer is a reply, REPLY_ACK or not
+_GETS = {1, 11, 15, 17, 24, 31, 36, 40}  # requests whose answer is a reply, REPLY_ACK or not
 
 
 def _fd(kind: int, keep: list[int]) -> int:

@@ -79,6 +79,10 @@ class VirtioDevice:
     ``queue_max_size`` is the largest queue the transport lets the driver
     configure. ``access_platform`` makes the device offer VIRTIO_F_ACCESS_PLATFORM:
     an endpoint behind an IOMMU, whose every DMA address is translated.
+    ``resubmittable``: a request may be done twice (a disk's: it writes the same
+    data again), so a vhost-user transport may track the requests in flight
+    across a back-end restart (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), resubmitting
+    those a dead back-end had taken, whether it finished them or not.
     """
 
     device_id: int = 0
@@ -86,6 +90,7 @@ class VirtioDevice:
     name: str = "virtio"
     queue_max_size: int = 256
     access_platform: bool = False
+    resubmittable: bool = False
 
     def __init__(self) -> None:
         self.transport: VirtioTransport | None = None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import struct
 from collections.abc import Iterator
+from typing import Protocol
 
 from ..dma import Access, DmaSpace, TranslationMiss, ViewableDma, viewable
 
@@ -123,6 +124,23 @@ def scatter(dma: DmaSpace, segs: list[tuple[int, int]], data: bytes | bytearray 
         pos += n
 
 
+class InflightTracker(Protocol):
+    """Where a queue marks the chains it took and returned (vhost-user's in-flight
+    region, :mod:`pviommu.transport.vhost_user.inflight`)."""
+
+    def take(self, head: int) -> None:
+        """``head`` was taken from the available ring."""
+
+    def before_used(self, head: int) -> None:
+        """``head`` is about to go in the used ring."""
+
+    def after_used(self, head: int, used_idx: int) -> None:
+        """``head`` is in the used ring, whose index is now ``used_idx``."""
+
+    def recover(self, used_idx: int) -> list[int] | None:
+        """The heads left in flight, oldest first (None: nothing was ever tracked)."""
+
+
 class SplitQueue:
     """The device side of one split virtqueue whose rings live in ``dma``.
 
@@ -161,6 +179,10 @@ class SplitQueue:
         self._rings_generation: object = None
         self._used_idx: int | None = None
         self._signalled_used = 0
+        self.inflight: InflightTracker | None = None
+        self._recovered = True
+        self._resubmit: list[int] = []  # heads to pop again first, the oldest last
+        self._unpop_resubmitted: int | None = None  # the last pop's head, if resubmitted
         with contextlib.suppress(TranslationMiss):  # else read on first use, from a
             self._load_used_idx()                   # context that can wait for the fill
 
@@ -254,13 +276,51 @@ class SplitQueue:
 
     def has_work(self) -> bool:
         """Whether the driver has made buffers available that were not popped yet."""
+        if self.inflight is not None and (not self._recovered or self._resubmit):
+            return True
         return self.avail_idx() != self.next_avail
+
+    def track_inflight(self, tracker: InflightTracker) -> None:
+        """Marks every chain taken and returned in ``tracker``. What it holds as in
+        flight from before (a back-end that died) is popped again first, oldest
+        first, and ``next_avail`` goes past it: found at the first :meth:`pop`,
+        where a translation miss on the used ring can be waited for."""
+        self.inflight = tracker
+        self._recovered = False
+
+    def _recover(self, inflight: InflightTracker) -> None:
+        used_idx = self._load_used_idx()  # a miss here: nothing changed yet
+        heads = inflight.recover(used_idx)
+        self._recovered = True
+        if heads is None:  # a fresh region: nothing was in flight
+            return
+        if len(heads) > self.size:
+            raise VirtqueueError(f"the in-flight region holds {len(heads)} chains, more than "
+                                 f"the queue size {self.size}")
+        self._resubmit = heads[::-1]
+        self.next_avail = (used_idx + len(heads)) & 0xFFFF
+
+    def _pop_resubmitted(self) -> Chain:
+        head = self._resubmit[-1]
+        rings = self._views()
+        chain = self._walk(head, rings[0] if rings is not None else None)
+        self._resubmit.pop()  # only now: a miss above pops it again
+        return chain
 
     def pop(self) -> Chain | None:
         """The next available chain, or None when the ring is empty.
 
         With EVENT_IDX, an empty ring re-arms the driver's kick (avail_event).
         """
+        inflight = self.inflight
+        if inflight is not None:
+            if not self._recovered:
+                self._recover(inflight)
+            self._unpop_resubmitted = None
+            if self._resubmit:
+                chain = self._pop_resubmitted()
+                self._unpop_resubmitted = chain.head
+                return chain
         rings = self._views()
         next_avail = self.next_avail
         if rings is not None:
@@ -291,11 +351,17 @@ class SplitQueue:
                                   "little")
             chain = self._walk(head, None)
         self.next_avail = (next_avail + 1) & 0xFFFF
+        if inflight is not None:
+            inflight.take(head)
         return chain
 
     def unpop(self) -> None:
         """Undoes the last :meth:`pop` (nothing was pushed since): the chain is popped
         again next time."""
+        if self._unpop_resubmitted is not None:
+            self._resubmit.append(self._unpop_resubmitted)
+            self._unpop_resubmitted = None
+            return
         self.next_avail = (self.next_avail - 1) & 0xFFFF
 
     def _check_pending(self, avail_idx: int) -> None:
@@ -367,6 +433,9 @@ class SplitQueue:
             used_idx = self._load_used_idx()
         rings = self._views()
         nxt = (used_idx + 1) & 0xFFFF
+        inflight = self.inflight
+        if inflight is not None:
+            inflight.before_used(head)
         if rings is not None:
             used = rings[2]
             _USED_ELEM.pack_into(used, 4 + 8 * (used_idx & self._mask), head, written)
@@ -377,6 +446,8 @@ class SplitQueue:
                            _USED_ELEM.pack(head, written))
             self.dma.write(self._used + 2, _U16.pack(nxt))
         self._used_idx = nxt  # only now: a miss above leaves a push to redo whole
+        if inflight is not None:
+            inflight.after_used(head, nxt)
 
     def needs_interrupt(self) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last one."""

@@ -168,6 +168,39 @@ class FakeFrontend:
         assert reply.flags == p.VERSION | p.FLAG_REPLY
         return reply
 
+    async def call_fds(self, request: int, payload: bytes = b"",
+                       fds: list[int] | tuple[int, ...] = ()) -> tuple[Reply, list[int]]:
+        """As :meth:`call`, for a reply that carries file descriptors (GET_INFLIGHT_FD);
+        the caller owns them."""
+        async with self.exchange:
+            await self.send(request, payload, fds)
+            await _wait_readable(self.sock.fileno(), TIMEOUT)
+            head, got, _flags, _addr = socket.recv_fds(self.sock, p.HEADER.size, 4)
+            if len(head) < p.HEADER.size:
+                head += await self._recv_exact(p.HEADER.size - len(head))
+            req, flags, size = p.HEADER.unpack(head)
+            reply = Reply(req, flags, await self._recv_exact(size) if size else b"")
+        assert reply.request == request and reply.flags == p.VERSION | p.FLAG_REPLY
+        return reply, got
+
+    async def inflight_region(self, num_queues: int, queue_size: int
+                              ) -> tuple[int, int, int]:
+        """GET_INFLIGHT_FD then SET_INFLIGHT_FD with the region, as QEMU's vhost-user-blk
+        does at its first start; returns (fd, mmap size, mmap offset): the front-end
+        keeps the region for the next back-end."""
+        reply, fds = await self.call_fds(R.GET_INFLIGHT_FD, p.INFLIGHT.pack(
+            0, 0, num_queues, queue_size))
+        size, offset, _n, _q = p.INFLIGHT.unpack(reply.payload)
+        assert len(fds) == 1 and size > 0
+        assert await self.set_inflight(fds[0], size, offset, num_queues, queue_size) == 0
+        return fds[0], size, offset
+
+    async def set_inflight(self, fd: int, size: int, offset: int, num_queues: int,
+                           queue_size: int) -> int:
+        """SET_INFLIGHT_FD (acked); what QEMU sends a back-end that connects again."""
+        return await self.ack(R.SET_INFLIGHT_FD,
+                              p.INFLIGHT.pack(size, offset, num_queues, queue_size), [fd])
+
     async def ack(self, request: int, payload: bytes = b"",
                   fds: list[int] | tuple[int, ...] = ()) -> int:
         """Sends with NEED_REPLY and returns the REPLY_ACK status (0 is success)."""
@@ -219,10 +252,12 @@ class FakeFrontend:
         return await self.ack(R.SET_MEM_TABLE, payload, fds)
 
     async def start_vring(self, index: int, driver: FakeDriver,
-                          gpa_to_uaddr: int = DEFAULT_UADDR - DEFAULT_GPA) -> RingFds:
-        """Configures vring ``index`` over ``driver``'s rings, as QEMU does at boot."""
+                          gpa_to_uaddr: int = DEFAULT_UADDR - DEFAULT_GPA,
+                          base: int = 0) -> RingFds:
+        """Configures vring ``index`` over ``driver``'s rings, as QEMU does at boot
+        (``base``: SET_VRING_BASE, e.g. the used index after a back-end died)."""
         assert await self.ack(R.SET_VRING_NUM, p.VRING_STATE.pack(index, driver.size)) == 0
-        assert await self.ack(R.SET_VRING_BASE, p.VRING_STATE.pack(index, 0)) == 0
+        assert await self.ack(R.SET_VRING_BASE, p.VRING_STATE.pack(index, base)) == 0
         assert await self.ack(R.SET_VRING_ADDR, p.VRING_ADDR.pack(
             index, 0, driver.desc + gpa_to_uaddr, driver.used_ring + gpa_to_uaddr,
             driver.avail + gpa_to_uaddr, 0)) == 0

@@ -24,7 +24,7 @@ from typing import TypeAlias
 
 from ... import irqfd, loop_lock
 from ...dma import DmaSpace
-from ...memory import GuestMemory, MemoryAccessError, RegionSpec
+from ...memory import GuestMemory, MemoryAccessError, RegionSpec, check_memory_fd
 from ...virtio.device import VirtioDevice
 from ...virtio.features import F_ACCESS_PLATFORM, F_EVENT_IDX, F_INDIRECT_DESC, bit
 from ...virtio.queue import SplitQueue, VirtqueueError
@@ -32,6 +32,7 @@ from ..kick_thread import KickThread
 from ..unix_server import UnixServer
 from . import protocol as p
 from .backend_channel import BackendChannel, adopt_socket
+from .inflight import InflightRegion, create_region
 from .iotlb import DeviceIotlb
 from .protocol import ProtocolFeature as PF
 from .protocol import Request as R
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 # Requests whose reply is part of the protocol, whatever REPLY_ACK says.
 _HAS_REPLY = {R.GET_FEATURES, R.GET_PROTOCOL_FEATURES, R.GET_VRING_BASE, R.GET_QUEUE_NUM,
-              R.GET_CONFIG, R.GET_STATUS, R.GET_MAX_MEM_SLOTS}
+              R.GET_CONFIG, R.GET_STATUS, R.GET_MAX_MEM_SLOTS, R.GET_INFLIGHT_FD}
 
 # Requests acknowledged whenever the frontend asks, REPLY_ACK or not (QEMU always
 # waits for the ack of an IOTLB message).
@@ -97,6 +98,11 @@ class VhostUserConnection:
     served by a :class:`~pviommu.transport.kick_thread.KickThread` each (spinning
     ``poll_us`` after each batch), the rest of the work on the loop; otherwise
     every kick wakes the loop.
+
+    A :attr:`~VirtioDevice.resubmittable` device gets in-flight tracking
+    (INFLIGHT_SHMFD, :mod:`.inflight`): its queues mark what they take and
+    return in the frontend's region, so the back-end that connects after this
+    one died resubmits what was in flight.
     """
 
     BASE_PROTOCOL_FEATURES = (bit(PF.MQ) | bit(PF.REPLY_ACK) | bit(PF.CONFIG)
@@ -120,6 +126,8 @@ class VhostUserConnection:
         self.acked_protocol_features = 0
         self.stats: Counter[str] = stats if stats is not None else Counter()
         self.iotlb = DeviceIotlb(self.memory, self.stats, miss_timeout=iotlb_miss_timeout)
+        self.inflight: InflightRegion | None = None
+        self._reply_fds: list[int] = []  # sent with the next reply (GET_INFLIGHT_FD's)
         self._loop = asyncio.get_running_loop()
         self._closed = False
         device.transport = self
@@ -144,7 +152,7 @@ class VhostUserConnection:
                 reply = self.handle(msg)
                 if reply is not None:
                     try:
-                        await self._loop.sock_sendall(self.sock, reply)
+                        await self._send(reply)
                     except OSError as e:  # the frontend left before its reply
                         log.info("vhost-user frontend gone before the reply to %s: %s",
                                  msg.name, str(e))
@@ -152,8 +160,21 @@ class VhostUserConnection:
         finally:
             self.close()
 
+    async def _send(self, reply: bytes) -> None:
+        fds, self._reply_fds = self._reply_fds, []
+        try:
+            if fds:  # a small message: the socket buffer takes it whole, fds attached
+                reply = reply[socket.send_fds(self.sock, [reply], fds):]
+            if reply:
+                await self._loop.sock_sendall(self.sock, reply)
+        finally:
+            p.close_fds(fds)
+
     def handle(self, msg: p.Message) -> bytes | None:
-        """Processes one message and returns the bytes to send back, if any."""
+        """Processes one message and returns the bytes to send back, if any (the fds
+        that go with them wait in ``_reply_fds``, closed if nobody sends them)."""
+        p.close_fds(self._reply_fds)
+        self._reply_fds = []
         self.stats[msg.name] += 1
         handler = HANDLERS.get(msg.request)
         try:
@@ -171,6 +192,8 @@ class VhostUserConnection:
             else:  # a bug of ours: still refuse the message rather than drop the frontend
                 log.exception("vhost-user: internal error handling %s", msg.name)
             self.stats["refused"] += 1
+            p.close_fds(self._reply_fds)
+            self._reply_fds = []
             if msg.request in _HAS_REPLY:
                 return p.encode(msg.request, b"", reply=True)
             if msg.need_reply and self._ack_wanted(msg):
@@ -188,6 +211,8 @@ class VhostUserConnection:
             return
         self._closed = True
         self.iotlb.close()
+        p.close_fds(self._reply_fds)
+        self._reply_fds = []
         threads = list(self._threads.values())
         for ring in self.rings:
             self._stop_ring(ring)
@@ -199,6 +224,9 @@ class VhostUserConnection:
         self.device.reset(system=True)
         if self.device.transport is self:
             self.device.transport = None
+        if self.inflight is not None:  # the frontend keeps it for the next back-end
+            self.inflight.close()
+            self.inflight = None
         self.memory.clear()
         with contextlib.suppress(OSError):
             self.sock.close()
@@ -233,6 +261,8 @@ class VhostUserConnection:
         features = self.BASE_PROTOCOL_FEATURES
         if self.device.access_platform:
             features |= bit(PF.BACKEND_REQ)
+        if self.device.resubmittable:
+            features |= bit(PF.INFLIGHT_SHMFD)
         return features
 
     @property
@@ -393,6 +423,13 @@ class VhostUserConnection:
         ring.kick = fd
         os.set_blocking(fd, False)
         self._watch_kick(ring, fd)
+        tracker = self.inflight.queue(ring.index) if self.inflight is not None else None
+        pending = tracker.in_flight() if tracker is not None else 0
+        if pending:
+            log.warning("vring %d: %d requests in flight when the previous back-end went "
+                        "away: submitted again", ring.index, pending)
+            # They wait for no kick of the driver's (libvhost-user kicks itself too).
+            os.write(fd, (1).to_bytes(8, "little"))
 
     def _interrupt_fd(self, msg: p.Message) -> tuple[Vring, int | None]:
         ring, fd = self._vring_fd(msg)
@@ -489,6 +526,41 @@ class VhostUserConnection:
         self._payload(msg, 0)
         return p.U64.pack(self.device.status)
 
+    def _inflight_header(self, msg: p.Message) -> tuple[int, int, int, int]:
+        self._require(PF.INFLIGHT_SHMFD)
+        size, offset, num_queues, queue_size = p.INFLIGHT.unpack(
+            self._payload(msg, p.INFLIGHT.size))
+        if not 1 <= num_queues <= len(self.rings):
+            raise Refused(f"in-flight region for {num_queues} queues (the device has "
+                          f"{len(self.rings)})")
+        if not 1 <= queue_size <= 32768 or queue_size & (queue_size - 1):
+            raise Refused(f"in-flight queue size {queue_size} is not a power of 2 up to 32768")
+        return size, offset, num_queues, queue_size
+
+    def _do_get_inflight_fd(self, msg: p.Message) -> bytes:
+        self._no_fds(msg)
+        _size, _offset, num_queues, queue_size = self._inflight_header(msg)
+        fd, size = create_region(num_queues, queue_size)
+        self._reply_fds = [fd]
+        log.info("in-flight region: %d bytes for %d queues of %d", size, num_queues,
+                 queue_size)
+        return p.INFLIGHT.pack(size, 0, num_queues, queue_size)
+
+    def _do_set_inflight_fd(self, msg: p.Message) -> None:
+        size, offset, num_queues, queue_size = self._inflight_header(msg)
+        if len(msg.fds) != 1:
+            raise Refused(f"expected one file descriptor, got {len(msg.fds)}")
+        for ring in self.rings:
+            self._stopped(ring, "SET_INFLIGHT_FD")
+        fd = msg.fds[0]
+        check_memory_fd(fd, offset, size, self.memory.allow_unsealed)
+        region = InflightRegion(fd, size, offset, num_queues, queue_size)  # ValueError: refused
+        if self.inflight is not None:
+            self.inflight.close()
+        self.inflight = region
+        log.info("in-flight region set: %d bytes for %d queues of %d", size, num_queues,
+                 queue_size)
+
     # -- rings ---------------------------------------------------------------------
 
     def _watch_kick(self, ring: Vring, fd: int) -> None:
@@ -577,6 +649,12 @@ class VhostUserConnection:
                                event_idx=self.device.has_feature(F_EVENT_IDX),
                                indirect=self.device.has_feature(F_INDIRECT_DESC),
                                next_avail=ring.base)
+            tracker = self.inflight.queue(ring.index) if self.inflight is not None else None
+            if tracker is not None:
+                if size > tracker.size:
+                    raise VirtqueueError(f"the in-flight region tracks {tracker.size} "
+                                         f"descriptors, the ring has {size}")
+                queue.track_inflight(tracker)
             self.device.start_queue(ring.index, queue)
         except (VirtqueueError, MemoryAccessError, ValueError) as e:
             log.error("vring %d cannot start: %s", ring.index, str(e))
@@ -623,6 +701,8 @@ HANDLERS: dict[int, Handler] = {
     R.GET_STATUS: VhostUserConnection._do_get_status,
     R.SET_BACKEND_REQ_FD: VhostUserConnection._do_set_backend_req_fd,
     R.IOTLB_MSG: VhostUserConnection._do_iotlb_msg,
+    R.GET_INFLIGHT_FD: VhostUserConnection._do_get_inflight_fd,
+    R.SET_INFLIGHT_FD: VhostUserConnection._do_set_inflight_fd,
 }
 
 

@@ -21,6 +21,7 @@ VRING_ADDR = struct.Struct("<IIQQQQ")
 MEM_HEADER = struct.Struct("<II")
 MEM_REGION = struct.Struct("<QQQQ")
 CONFIG_HEADER = struct.Struct("<III")
+INFLIGHT = struct.Struct("<QQHH4x")  # mmap_size, mmap_offset, num_queues, queue_size
 # struct vhost_iotlb_msg: iova, size, uaddr, perm, type, padded to 8-byte alignment.
 IOTLB = struct.Struct("<QQQBB6x")
 
