@@ -1,42 +1,52 @@
 #!/bin/busybox sh
 # restart-io.sh DISK JOBS COUNT: the backend-restart test's guest I/O. JOBS writers
-# run at once (JOBS requests in flight); each writes COUNT fresh 64 KiB blocks of
-# random data to its own part of /dev/DISK with direct I/O, one after the other,
-# reads each back and compares sha256. Every block's sum goes to /tmp/rio/BLOCK and
-# every completion prints
-#   RIO BLOCK ok|BAD|WERR|RERR UPTIME
-# (the gaps between the UPTIMEs are the pauses the guest saw). At the end every
-# block is read back once more; the last line is
+# run at once (up to JOBS requests in flight); each writes COUNT 64 KiB blocks of
+# random data (made and summed beforehand, so that the writers spend their time in
+# I/O) to its own part of /dev/DISK with direct I/O, one after the other, and
+# reads each back. Every completion prints
+#   RIO BLOCK ok|WERR|RERR UPTIME
+# (the gaps between the UPTIMEs are the pauses the guest saw). The sha256 of every
+# block is in /tmp/rio/BLOCK. At the end each block read back, and each block read
+# once more from the disk, is compared with it; the last line is
 #   RIO_END blocks=N verified=N bad=N errors=N
-# and the exit status is 0 when every block verified.
+# and the exit status is 0 when every block verified twice and no I/O failed.
 disk=/dev/$1 jobs=$2 count=$3
 bs=65536
 rm -rf /tmp/rio && mkdir -p /tmp/rio
 
 up() { cut -d' ' -f1 /proc/uptime; }
+sum() { sha256sum | cut -d' ' -f1; }
+
+j=0
+while [ "$j" -lt "$jobs" ]; do
+    head -c $((count * bs)) /dev/urandom > "/tmp/rio/data$j"
+    i=0
+    while [ "$i" -lt "$count" ]; do
+        dd if="/tmp/rio/data$j" bs=$bs skip="$i" count=1 2>/dev/null | sum \
+            > "/tmp/rio/$((j * count + i))"
+        i=$((i + 1))
+    done
+    j=$((j + 1))
+done
 
 writer() {
     j=$1 i=0
     while [ "$i" -lt "$count" ]; do
         b=$((j * count + i))
-        head -c $bs /dev/urandom > "/tmp/rio/w$j"
-        sum=$(sha256sum < "/tmp/rio/w$j" | cut -d' ' -f1)
-        echo "$sum" > "/tmp/rio/$b"
-        if ! dd if="/tmp/rio/w$j" of="$disk" bs=$bs seek="$b" count=1 oflag=direct \
-                conv=notrunc 2>/dev/null; then
+        if ! dd if="/tmp/rio/data$j" of="$disk" bs=$bs skip="$i" seek="$b" count=1 \
+                oflag=direct conv=notrunc 2>/dev/null; then
             echo "RIO $b WERR $(up)"; echo "$b" >> /tmp/rio/errors
-        elif ! dd if="$disk" of="/tmp/rio/r$j" bs=$bs skip="$b" count=1 iflag=direct \
+        elif ! dd if="$disk" of="/tmp/rio/back$b" bs=$bs skip="$b" count=1 iflag=direct \
                 2>/dev/null; then
             echo "RIO $b RERR $(up)"; echo "$b" >> /tmp/rio/errors
-        elif [ "$(sha256sum < "/tmp/rio/r$j" | cut -d' ' -f1)" = "$sum" ]; then
-            echo "RIO $b ok $(up)"
         else
-            echo "RIO $b BAD $(up)"
+            echo "RIO $b ok $(up)"
         fi
         i=$((i + 1))
     done
 }
 
+echo "RIO_START $(up)"
 j=0
 while [ "$j" -lt "$jobs" ]; do  # their lines reach the console as they come
     writer "$j" &
@@ -45,17 +55,20 @@ done
 wait
 
 blocks=0 verified=0 bad=0 errors=0
-for f in /tmp/rio/[0-9]*; do  # the sums (w*, r*, errors are not blocks)
+for f in /tmp/rio/[0-9]*; do  # the sums (data*, back*, errors are not blocks)
     [ -e "$f" ] || continue
     b=${f##*/}
     blocks=$((blocks + 1))
+    want=$(cat "$f")
     if ! dd if="$disk" of=/tmp/rio/check bs=$bs skip="$b" count=1 iflag=direct 2>/dev/null
     then
         errors=$((errors + 1)); echo "RIO_CHECK $b RERR"
-    elif [ "$(sha256sum < /tmp/rio/check | cut -d' ' -f1)" = "$(cat "$f")" ]; then
-        verified=$((verified + 1))
+    elif [ "$(sum < /tmp/rio/check)" != "$want" ]; then
+        bad=$((bad + 1)); echo "RIO_CHECK $b BAD on the disk"
+    elif [ ! -e "/tmp/rio/back$b" ] || [ "$(sum < "/tmp/rio/back$b")" != "$want" ]; then
+        bad=$((bad + 1)); echo "RIO_CHECK $b BAD as read back"
     else
-        bad=$((bad + 1)); echo "RIO_CHECK $b BAD"
+        verified=$((verified + 1))
     fi
 done
 [ -e /tmp/rio/errors ] && errors=$((errors + $(wc -l < /tmp/rio/errors)))

@@ -128,8 +128,8 @@ class Lab:
 
     @property
     def state_dir(self) -> Path:
-        """The backend's state directory (``pviommu serve --state``; a vsmmu lab with a
-        reconnecting disk passes it): what a restarted backend takes up."""
+        """The backend's state directory (``pviommu serve --state``, vsmmu labs): what a
+        restarted backend takes up."""
         return self.workdir / STATE_DIR
 
     @property

@@ -185,10 +185,8 @@ class VsmmuWiring(Wiring):
         args: list[str] = []
         for ep in endpoints:
             args += _serve_endpoint(ep, f"vsmmu-{ep.kind}")
-        # A disk that reconnects needs the backend's stage 2 back after a restart.
-        if any(ep.description.reconnect_ms for ep in endpoints):
-            args += ["--state", str(viommu.parent / STATE_DIR)]
-        return args
+        # Stage 2 kept, for Lab.restart_backend() (what a reconnecting disk needs).
+        return [*args, "--state", str(viommu.parent / STATE_DIR)]
 
     def devices(self, topology: Topology, endpoints: list[LabEndpoint],
                 viommu: Path) -> list[Device]:

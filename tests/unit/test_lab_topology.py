@@ -282,7 +282,7 @@ def test_wide_integers_may_be_strings_in_toml():
         Topology.from_dict({"iommu": {"page-size-mask": "lots"}})
 
 
-def test_a_reconnecting_vsmmu_disk_gets_reconnect_ms_and_the_backend_a_state_dir(tmp_path):
+def test_a_reconnecting_vsmmu_disk_gets_reconnect_ms_and_a_vsmmu_backend_a_state_dir(tmp_path):
     from pviommu.lab.machine import STATE_DIR, WIRINGS, lab_endpoints
 
     t = Topology(iommu=Iommu(kind="vsmmu"),
@@ -295,6 +295,6 @@ def test_a_reconnecting_vsmmu_disk_gets_reconnect_ms_and_the_backend_a_state_dir
     assert "reconnect-ms" not in chardevs[1]  # the rng: QEMU would not start
     args = wiring.backend_args(t, eps, tmp_path / "viommu.sock")
     assert args[args.index("--state") + 1] == str(tmp_path / STATE_DIR)
-    plain = Topology(iommu=Iommu(kind="vsmmu"))
-    assert "--state" not in wiring.backend_args(plain, lab_endpoints(plain, tmp_path, True),
-                                                tmp_path / "viommu.sock")
+    pv = Topology()
+    assert "--state" not in WIRINGS["pv"].backend_args(pv, lab_endpoints(pv, tmp_path, True),
+                                                       tmp_path / "viommu.sock")
