@@ -202,14 +202,17 @@ def _max_dma_maps(text: str) -> int:
     return value
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
-    return value
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer (any base Python reads) of at least ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is not at least {low}")
+        return value
+    return parse
 
 
 def _endpoint_device(kind: str, transport: str = "vfio-user") -> Callable[[str], EndpointSpec]:
@@ -221,16 +224,6 @@ def _endpoint_device(kind: str, transport: str = "vfio-user") -> Callable[[str],
             raise argparse.ArgumentTypeError(str(exc)) from None
     parse.__name__ = f"--{kind_option(kind, transport)}"
     return parse
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative")
-    return value
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -426,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vhost-user socket for QEMU's vhost-user-test-device-pci (the "
                         "PV-IOMMU); needed unless only vSMMU endpoints are served")
     p.add_argument("--qmp", type=Path, metavar="PATH", help="QMP socket of the backend")
-    p.add_argument("--qmp-max-clients", type=_positive, default=QMP_MAX_CLIENTS, metavar="N",
+    p.add_argument("--qmp-max-clients", type=_at_least(1), default=QMP_MAX_CLIENTS, metavar="N",
                    help="QMP clients connected at once; one more is refused with an error "
                         "(default %(default)s)")
     p.add_argument("--endpoint", type=_endpoint_id, action="append", metavar="ID",
@@ -462,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep what a restarted backend must take up (the vSMMU's stage 2) in "
                         "DIR, and take it up from there at start (docs/ARCHITECTURE.md, "
                         "\"Restarting the backend\")")
-    p.add_argument("--poll-us", type=_non_negative, default=0, metavar="N",
+    p.add_argument("--poll-us", type=_at_least(0), default=0, metavar="N",
                    help="after each batch of PV-IOMMU requests, spin N microseconds for the "
                         "next one before blocking (default 0: block at once); wins only with "
                         "a core to spare (BENCHMARKS.md)")

@@ -13,6 +13,8 @@ import contextlib
 import os
 import socket
 
+from .watched import passed_fds
+
 _FD_SIZE = array.array("i").itemsize
 
 
@@ -31,14 +33,6 @@ async def wait_readable(sock: socket.socket) -> None:
         await fut
     finally:
         loop.remove_reader(fd)
-
-
-def _passed_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds = array.array("i")
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[:len(data) - len(data) % _FD_SIZE])
-    return list(fds)
 
 
 async def recv_exact(sock: socket.socket, n: int, fds: list[int] | None,
@@ -63,7 +57,7 @@ async def recv_exact(sock: socket.socket, n: int, fds: list[int] | None,
             except (BlockingIOError, InterruptedError):
                 await wait_readable(sock)
                 continue
-            received = _passed_fds(ancdata)
+            received = passed_fds(ancdata)
             if fds is not None:
                 fds.extend(received)
             else:
