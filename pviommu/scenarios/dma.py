@@ -20,7 +20,7 @@ from ..lab.state import query
 from ..machine.console import Console, GuestFailed
 from ..machine.guestlog import guest_faults
 from ..provision import GuestAssets
-from .runner import ScenarioRun, scenario_files
+from .runner import ScenarioRun, run_sections, scenario_files
 
 MODES = ("builtin",)
 MiB = 1 << 20
@@ -149,6 +149,6 @@ async def run(qemu: Path, assets: GuestAssets, workdir: Path, *, mode: str = "bu
         ],
         "exit_status": exit_status,
     }
-    report["timings"] = {"boot_s": lab.boot_seconds, "total_s": round(time.monotonic() - t0, 3)}
-    report["logs"] = {"console": str(lab.console_log)}
+    sections = run_sections(lab, qemu, exit_status, t0)
+    report["timings"], report["logs"] = sections["timings"], sections["logs"]
     return report

@@ -42,7 +42,7 @@ from ..machine.topology import (
 )
 from ..provision import GuestAssets
 from .dma import DmaPlan, blk_checks, make_image
-from .runner import ScenarioRun, scenario_files
+from .runner import ScenarioRun, run_sections, scenario_files
 
 IOMMU_ADDR = "1.0"
 BLK_ADDR = "2.0"
@@ -237,11 +237,7 @@ async def run(qemu: Path, assets: GuestAssets, workdir: Path,
     }
     report["backend"] = {"vhost_user_connections": stats["vhost-user"]["connections"],
                          "stats": stats}
-    report["qemu"] = {"binary": str(qemu), "exit_status": exit_status}
-    report["timings"] = {"boot_s": lab.boot_seconds, "total_s": round(time.monotonic() - t0, 3)}
-    report["logs"] = {"console": str(lab.console_log), "backend": str(lab.backend_log)}
-    if trace is not None:
-        report["logs"]["trace"] = str(trace)
+    report.update(run_sections(lab, qemu, exit_status, t0, trace))
     return report
 
 

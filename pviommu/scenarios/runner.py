@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import shlex
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -92,3 +93,19 @@ async def wait_step(console: Console, resets: EventListener, name: str, timeout:
         raise GuestFailed(f"{what} needs a reset (queue {data.get('queue')}: "
                           f"{data.get('reason')}) while waiting for the guest's {name}")
     return marker.result()
+
+
+def run_sections(lab: Lab, qemu: Path, exit_status: int | None, started: float,
+                 trace: Path | None = None) -> dict[str, Any]:
+    """The report sections every demo scenario has: ``qemu`` (binary, exit status),
+    ``timings`` (boot and whole run, from ``started``, a monotonic time) and ``logs``
+    (the console's, the backend's if the lab has one, the trace's if written)."""
+    logs = {"console": str(lab.console_log)}
+    if lab.backend is not None:
+        logs["backend"] = str(lab.backend_log)
+    if trace is not None:
+        logs["trace"] = str(trace)
+    return {"qemu": {"binary": str(qemu), "exit_status": exit_status},
+            "timings": {"boot_s": lab.boot_seconds,
+                        "total_s": round(time.monotonic() - started, 3)},
+            "logs": logs}

@@ -30,7 +30,7 @@ from ..provision import GuestAssets
 from ..qmp.vsmmu import EVENT_VSMMU
 from .dma import blk_checks, make_image
 from .pv import demo_plan, rng_report
-from .runner import ScenarioRun, scenario_files
+from .runner import ScenarioRun, run_sections, scenario_files
 
 BLK_ADDR = "2.0"
 RNG_ADDR = "3.0"
@@ -151,11 +151,7 @@ async def run(qemu: Path, assets: GuestAssets, workdir: Path,
     report["backend"] = {"endpoint_devices": [
         {k: d[k] for k in ("id", "kind", "transport", "mode", "connections", "needs-reset")}
         for d in devices]}
-    report["qemu"] = {"binary": str(qemu), "exit_status": exit_status}
-    report["timings"] = {"boot_s": lab.boot_seconds, "total_s": round(time.monotonic() - t0, 3)}
-    report["logs"] = {"console": str(lab.console_log), "backend": str(lab.backend_log)}
-    if trace is not None:
-        report["logs"]["trace"] = str(trace)
+    report.update(run_sections(lab, qemu, exit_status, t0, trace))
     return report
 
 
