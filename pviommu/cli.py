@@ -39,7 +39,7 @@ from .microbench import markdown as microbench_markdown
 from .microbench.__main__ import main as microbench_main
 from .qmp.server import MAX_CLIENTS as QMP_MAX_CLIENTS
 from .report import format_report
-from .scenarios import bench, bench_report, dma, pv, soak, vsmmu
+from .scenarios import bench, bench_report, dma, pv, qmp_load, soak, vsmmu
 from .scenarios.workloads import BY_NAME
 from .transport.unix_socket import SocketPathError, resolve_group
 from .transport.vfio_user.protocol import MAX_DMA_MAPS
@@ -184,6 +184,23 @@ def cmd_soak(args: argparse.Namespace) -> int:
     return 0 if all(soak.ok(r) for r in reports) else 1
 
 
+def cmd_qmp_load(args: argparse.Namespace) -> int:
+    unknown = [m for m in args.modes if m not in qmp_load.MODES]
+    bad = [w for w in args.workloads if w not in BY_NAME]
+    if unknown or not args.modes or bad or not args.workloads:
+        print(f"pviommu: error: --modes takes some of {','.join(qmp_load.MODES)}, "
+              f"--workloads some of {','.join(BY_NAME)}", file=sys.stderr)
+        return 2
+    provision.setup()
+    plan = qmp_load.LoadPlan(modes=tuple(args.modes), pairs=args.pairs, hz=args.hz,
+                             runtime=args.runtime, strict=not args.lazy,
+                             workloads=tuple(BY_NAME[w] for w in args.workloads))
+    reports = asyncio.run(qmp_load.run(plan, args.workdir,
+                                       progress=lambda line: print(line, file=sys.stderr)))
+    print(json.dumps(reports, indent=2) if args.json else qmp_load.markdown(reports, plan))
+    return 0
+
+
 def _endpoint_id(text: str) -> int:
     """An endpoint ID: a number (0x10, 16) or a PCI address ([BUS:]DEV.FN)."""
     try:
@@ -213,6 +230,17 @@ def _at_least(low: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{value} is not at least {low}")
         return value
     return parse
+
+
+def _positive(text: str) -> float:
+    """An argparse type: a number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not above 0")
+    return value
 
 
 def _endpoint_device(kind: str, transport: str = "vfio-user") -> Callable[[str], EndpointSpec]:
@@ -524,12 +552,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("soak", help="guest I/O under faults and revocations for minutes: "
                                     "nothing lost, nothing leaked (exit 1 otherwise)")
-    p.add_argument("--minutes", type=float, default=10, help="per mode (default %(default)g)")
+    p.add_argument("--minutes", type=_positive, default=10, help="per mode (default %(default)g)")
     p.add_argument("--modes", type=lambda s: [x for x in s.split(",") if x],
                    default=list(soak.MODES), help="some of pv,vsmmu (default: both)")
     p.add_argument("--json", action="store_true", help="print the reports as JSON")
     p.add_argument("--workdir", type=Path, help="where the labs' files go (kept)")
     p.set_defaults(func=cmd_soak)
+
+    p = sub.add_parser("qmp-load", help="measure whether a QMP client polling the mappings "
+                                        "(100 Hz) moves the guest's disk throughput")
+    p.add_argument("--pairs", type=_at_least(1), default=qmp_load.LoadPlan.pairs,
+                   help="runs with and without polling per workload (default %(default)s)")
+    p.add_argument("--hz", type=_positive, default=qmp_load.LoadPlan.hz,
+                   help="polls a second (default %(default)g)")
+    p.add_argument("--runtime", type=_positive, default=qmp_load.LoadPlan.runtime,
+                   metavar="SECONDS", help="seconds each fio run lasts (default %(default)g)")
+    p.add_argument("--modes", type=lambda s: [x for x in s.split(",") if x],
+                   default=list(qmp_load.MODES), help="some of pv,vsmmu (default: both)")
+    p.add_argument("--workloads", type=lambda s: [x for x in s.split(",") if x],
+                   default=",".join(w.name for w in qmp_load.LoadPlan().workloads),
+                   help="comma-separated fio workloads (default: %(default)s)")
+    p.add_argument("--lazy", action="store_true", help="lazy IOTLB flushes (default strict)")
+    p.add_argument("--json", action="store_true", help="print every run as JSON")
+    p.add_argument("--workdir", type=Path, help="where the labs' files go (kept)")
+    p.set_defaults(func=cmd_qmp_load)
 
     p = sub.add_parser("shell", help="boot a lab (a topology file, docs/LAB.md) and hand "
                                      "over the guest's console")
@@ -555,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workloads", type=lambda s: [x for x in s.split(",") if x],
                    default=list(BY_NAME),
                    help=f"comma-separated fio workloads (default: all of {','.join(BY_NAME)})")
-    p.add_argument("--runtime", type=float, default=bench.BenchPlan.runtime, metavar="SECONDS",
+    p.add_argument("--runtime", type=_positive, default=bench.BenchPlan.runtime, metavar="SECONDS",
                    help="seconds each fio job runs (default %(default)g)")
     p.add_argument("--json", action="store_true", help="print the raw samples as JSON")
     p.add_argument("--workdir", type=Path, help="where images and logs go "

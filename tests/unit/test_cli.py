@@ -136,3 +136,19 @@ def test_an_existing_image_of_another_size_is_an_error(tmp_path, capsys):
     assert "is 1048576 bytes, not size=67108864" in err and "remove size=" in err
     assert image.stat().st_size == 1 << 20
     assert not (tmp_path / "v.sock").exists()
+
+
+@pytest.mark.parametrize("args", [["--modes", "pv,nope"], ["--workloads", "randread-4k-qd7"],
+                                  ["--modes", ","]])
+def test_qmp_load_names_what_it_takes_before_provisioning(args, capsys):
+    assert cli.main(["qmp-load", *args]) == 2
+    err = capsys.readouterr().err
+    assert "--modes takes some of pv,vsmmu" in err and "randread-4k-qd1" in err
+
+
+@pytest.mark.parametrize("argv", [["qmp-load", "--hz", "0"], ["qmp-load", "--runtime", "-1"],
+                                  ["soak", "--minutes", "0"], ["bench", "--runtime", "x"]])
+def test_durations_and_rates_must_be_above_zero(argv, capsys):
+    with pytest.raises(SystemExit):
+        _parse(*argv)
+    assert argv[1] in capsys.readouterr().err
