@@ -69,10 +69,14 @@ class WatchedSocket:
         return bytes(buf)
 
     def close(self) -> None:
-        """Stops watching the socket (it stays open)."""
+        """Stops watching the socket (it stays open); a read waiting on it ends with
+        EOFError."""
         if self._loop is not None:
             self._loop.remove_reader(self._fd)
             self._loop = None
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(EOFError("the connection was closed"))
 
     def _wake(self) -> None:
         waiter = self._waiter

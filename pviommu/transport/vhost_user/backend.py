@@ -128,6 +128,7 @@ class VhostUserConnection:
         self.iotlb = DeviceIotlb(self.memory, self.stats, miss_timeout=iotlb_miss_timeout)
         self.inflight: InflightRegion | None = None
         self._reply_fds: list[int] = []  # sent with the next reply (GET_INFLIGHT_FD's)
+        self._messages = p.MessageReader(sock)
         self._loop = asyncio.get_running_loop()
         self._closed = False
         device.transport = self
@@ -139,7 +140,7 @@ class VhostUserConnection:
         try:
             while True:
                 try:
-                    msg = await p.read_message(self.sock)
+                    msg = await self._messages.read()
                 except EOFError:
                     log.info("vhost-user frontend disconnected")
                     return
@@ -228,6 +229,7 @@ class VhostUserConnection:
             self.inflight.close()
             self.inflight = None
         self.memory.clear()
+        self._messages.close()
         with contextlib.suppress(OSError):
             self.sock.close()
 

@@ -70,6 +70,7 @@ class BackendChannel:
         self._loop = asyncio.get_running_loop()
         self._waiting: deque[tuple[int, asyncio.Future[int]]] = deque()
         self._error: str | None = None
+        self._messages = p.MessageReader(sock)
         self._reader: asyncio.Task[None] | None = self._loop.create_task(self._read())
 
     @property
@@ -131,6 +132,7 @@ class BackendChannel:
         reader, self._reader = self._reader, None
         if reader is not None and reader is not asyncio.current_task():
             reader.cancel()
+        self._messages.close()
         with contextlib.suppress(OSError):
             self.sock.close()
 
@@ -138,7 +140,7 @@ class BackendChannel:
         try:
             while self._error is None:
                 try:
-                    msg = await p.read_message(self.sock)
+                    msg = await self._messages.read()
                 except EOFError:
                     self.close("closed by the frontend")
                     return

@@ -8,6 +8,7 @@ import struct
 from dataclasses import dataclass, field
 
 from ..sockio import close_fds, recv_exact
+from ..watched import WatchedSocket
 
 VERSION = 0x1
 FLAG_VERSION_MASK = 0x3
@@ -207,24 +208,65 @@ def encode(request: int, payload: bytes = b"", *, reply: bool = False,
     return HEADER.pack(request, flags, len(payload)) + payload
 
 
+def _check_header(request: int, flags: int, size: int) -> None:
+    """ProtocolError for a header the stream cannot be resynchronised after."""
+    if flags & FLAG_VERSION_MASK != VERSION:
+        raise ProtocolError(f"{request_name(request)}: protocol version "
+                            f"{flags & FLAG_VERSION_MASK} (only {VERSION} exists)")
+    if size > MAX_PAYLOAD:
+        raise ProtocolError(f"{request_name(request)}: payload of {size} bytes exceeds "
+                            f"the {MAX_PAYLOAD}-byte limit")
+
+
 async def read_message(sock: socket.socket) -> Message:
     """Reads one message from a non-blocking socket.
 
     Raises EOFError when the peer closes, ProtocolError when the header is
-    unusable (the stream cannot be resynchronised after it).
+    unusable (the stream cannot be resynchronised after it). File descriptors
+    count only when passed with the header; any passed with the payload are
+    closed.
     """
     fds: list[int] = []
     try:
         header = await recv_exact(sock, HEADER.size, fds, MAX_FDS)
         request, flags, size = HEADER.unpack(header)
-        if flags & FLAG_VERSION_MASK != VERSION:
-            raise ProtocolError(f"{request_name(request)}: protocol version "
-                                f"{flags & FLAG_VERSION_MASK} (only {VERSION} exists)")
-        if size > MAX_PAYLOAD:
-            raise ProtocolError(f"{request_name(request)}: payload of {size} bytes exceeds "
-                                f"the {MAX_PAYLOAD}-byte limit")
+        _check_header(request, flags, size)
         payload = await recv_exact(sock, size, None, MAX_FDS)
     except BaseException:
         close_fds(fds)
         raise
     return Message(request, flags, payload, fds)
+
+
+class MessageReader:
+    """:func:`read_message` for one connection, over a
+    :class:`~pviommu.transport.watched.WatchedSocket`: one reader registered while
+    messages keep coming, instead of one added and removed per message (which cost
+    about an eighth of the back-end's CPU under IOTLB traffic). :meth:`close`
+    before the socket closes.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = WatchedSocket(sock, MAX_FDS)
+
+    async def read(self) -> Message:
+        """The next message; raises as :func:`read_message` does."""
+        fds: list[int] = []
+        try:
+            header = await self._sock.recv_exact(HEADER.size, fds)
+            request, flags, size = HEADER.unpack(header)
+            _check_header(request, flags, size)
+            if size:
+                extra: list[int] = []
+                payload = await self._sock.recv_exact(size, extra)
+                close_fds(extra)
+            else:
+                payload = b""
+        except BaseException:
+            close_fds(fds)
+            raise
+        return Message(request, flags, payload, fds)
+
+    def close(self) -> None:
+        """Stops watching the socket; a read waiting on it ends with EOFError."""
+        self._sock.close()
