@@ -35,6 +35,14 @@ _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 
 
+# Ring fields the driver reads while the device writes them (the used index and
+# entries, avail_event) are stored as one copy of packed bytes, never with
+# ``Struct.pack_into``: it zeroes its destination before it packs, so a driver
+# polling the used index could read 0 for an instant, take the stale used entry
+# at its own index for a completion and free a request the device has not read
+# yet (tests/hostile/test_ring_stores.py).
+
+
 class VirtqueueError(Exception):
     """The driver broke the virtqueue rules; the device needs a reset."""
 
@@ -318,7 +326,8 @@ class SplitQueue:
             if avail_idx == next_avail:
                 if not self.event_idx:
                     return None
-                _U16.pack_into(rings[2], self._avail_event, next_avail)
+                event = self._avail_event  # one copy, not pack_into (see above)
+                rings[2][event:event + 2] = _U16.pack(next_avail)
                 avail_idx = _U16.unpack_from(avail, 2)[0]
                 if avail_idx == next_avail:
                     return None
@@ -427,9 +436,10 @@ class SplitQueue:
             inflight.before_used(head)
         if rings is not None:
             used = rings[2]
-            _USED_ELEM.pack_into(used, 4 + 8 * (used_idx & self._mask), head, written)
+            at = 4 + 8 * (used_idx & self._mask)  # one copy each, not pack_into (see above)
+            used[at:at + 8] = _USED_ELEM.pack(head, written)
             # x86-64 keeps stores in order, so the element is visible before the index.
-            _U16.pack_into(used, 2, nxt)
+            used[2:4] = _U16.pack(nxt)
         else:
             self.dma.write(self._used + 4 + 8 * (used_idx & self._mask),
                            _USED_ELEM.pack(head, written))
