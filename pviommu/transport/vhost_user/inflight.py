@@ -40,6 +40,14 @@ _VERSION_AT, _DESC_NUM_AT, _LAST_BATCH_AT, _USED_IDX_AT = 8, 10, 12, 14
 MAX_QUEUE_SIZE = 32768
 
 
+def _store(view: memoryview, at: int, value: int) -> None:
+    """A u16 field of the region written as one copy: ``Struct.pack_into`` zeroes its
+    destination first, and a back-end killed in between would leave 0 where QEMU
+    hands the next back-end the field (the queue's virtqueue rings are written the
+    same way, for the same reason)."""
+    view[at:at + 2] = _U16.pack(value)
+
+
 def queue_region_size(queue_size: int) -> int:
     """Bytes of one queue's region (libvhost-user's ``vu_inflight_queue_size``)."""
     need = HEADER.size + DESC.size * queue_size
@@ -78,18 +86,19 @@ class InflightQueue:
     def take(self, head: int) -> None:
         """``head`` was taken from the available ring."""
         counter = self.counter
-        _U8_U64.pack_into(self.view, 16 + 16 * head, 1, counter)
+        at = 16 + 16 * head  # one copy, not pack_into (see _store)
+        self.view[at:at + 16] = _U8_U64.pack(1, counter)
         self.counter = counter + 1
 
     def before_used(self, head: int) -> None:
         """``head`` is about to be put in the used ring (a batch of one)."""
-        _U16.pack_into(self.view, _LAST_BATCH_AT, head)
+        _store(self.view, _LAST_BATCH_AT, head)
 
     def after_used(self, head: int, used_idx: int) -> None:
         """``head`` is in the used ring, whose index is now ``used_idx``."""
         view = self.view
         view[16 + 16 * head] = 0
-        _U16.pack_into(view, _USED_IDX_AT, used_idx)
+        _store(view, _USED_IDX_AT, used_idx)
 
     def in_flight(self) -> int:
         """How many descriptors are marked in flight."""
@@ -102,15 +111,15 @@ class InflightQueue:
         but its mark was not cleared, it is cleared now."""
         view = self.view
         if _U16.unpack_from(view, _VERSION_AT)[0] == 0:
-            _U16.pack_into(view, _VERSION_AT, VERSION)
-            _U16.pack_into(view, _DESC_NUM_AT, self.size)
+            _store(view, _VERSION_AT, VERSION)
+            _store(view, _DESC_NUM_AT, self.size)
             return None
-        _U16.pack_into(view, _DESC_NUM_AT, self.size)
+        _store(view, _DESC_NUM_AT, self.size)
         if _U16.unpack_from(view, _USED_IDX_AT)[0] != used_idx:
             last = _U16.unpack_from(view, _LAST_BATCH_AT)[0]
             if last < self.size:
                 view[self._desc(last)] = 0
-            _U16.pack_into(view, _USED_IDX_AT, used_idx)
+            _store(view, _USED_IDX_AT, used_idx)
         found = []
         for head in range(self.size):
             inflight, _next, counter = DESC.unpack_from(view, self._desc(head))
