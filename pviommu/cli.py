@@ -149,9 +149,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
     plan = bench.BenchPlan(rounds=args.rounds, paths=tuple(args.paths), runtime=args.runtime,
-                           workloads=tuple(BY_NAME[w] for w in args.workloads))
+                           workloads=tuple(BY_NAME[w] for w in args.workloads),
+                           vcpus=args.vcpus)
     print(f"pviommu: benchmark, {plan.rounds} round(s) of "
-          f"{len(plan.paths) * len(bench.IOMMU_MODES)} guests (logs in {workdir})",
+          f"{len(plan.paths) * len(bench.IOMMU_MODES)} guests of {plan.vcpus} vCPU(s) "
+          f"(logs in {workdir})",
           file=sys.stderr)
     result = asyncio.run(bench.run(qemu, assets, workdir, plan,
                                    progress=lambda line: print(line, file=sys.stderr),
@@ -601,6 +603,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workloads", type=lambda s: [x for x in s.split(",") if x],
                    default=list(BY_NAME),
                    help=f"comma-separated fio workloads (default: all of {','.join(BY_NAME)})")
+    p.add_argument("--vcpus", type=_at_least(1), default=bench.BenchPlan.vcpus,
+                   help="the guest's vCPUs on every path (default %(default)s: on a 2-core "
+                        "host a second one leaves the backend no core)")
     p.add_argument("--runtime", type=_positive, default=bench.BenchPlan.runtime, metavar="SECONDS",
                    help="seconds each fio job runs (default %(default)g)")
     p.add_argument("--json", action="store_true", help="print the raw samples as JSON")

@@ -70,6 +70,10 @@ class BenchPlan:
     micro_requests: int = 5000
     """Round trips per case of the backend micro-benchmark run first, for the cost
     model (0: none)."""
+    vcpus: int = 1
+    """The guest's vCPUs, the same on every path. One by default: on a 2-core host a
+    second TCG vCPU leaves the backend no core of its own, and every one of its
+    wake-ups then waits for the scheduler (BENCHMARKS.md, the cost model)."""
 
     @property
     def timeout(self) -> float:
@@ -123,13 +127,13 @@ async def run_workloads(lab: Lab, plan: BenchPlan, kinds: tuple[str, ...] = ()
     return out
 
 
-def cell_topology(path: str, image: Path, strict: bool) -> Topology:
-    """The machine of one path: its IOMMU kind and the shared disk at 2.0."""
+def cell_topology(path: str, image: Path, strict: bool, vcpus: int = 1) -> Topology:
+    """The machine of one path: its IOMMU kind, ``vcpus`` and the shared disk at 2.0."""
     kind = LAB_KINDS[path]
     modules = ("virtio_iommu", "virtio_blk") if kind in ("pv", "builtin") else ("virtio_blk",)
     endpoints = (Endpoint("blk", image=image, address=BLK_ADDR),) if path != "qsd" else ()
     return Topology(iommu=Iommu(kind=kind, strict=strict), endpoints=endpoints,
-                    load_modules=modules, files=fio_files(), memory=1 << 30)
+                    load_modules=modules, files=fio_files(), memory=1 << 30, vcpus=vcpus)
 
 
 async def _run_qsd(lab_args: dict[str, Any], image: Path, topology: Topology,
@@ -172,7 +176,7 @@ async def run_cell(path: str, qemu: Path, assets: GuestAssets, workdir: Path, im
                    strict: bool, plan: BenchPlan, trace: Path | None = None
                    ) -> list[dict[str, Any]]:
     """Boots one guest of ``path`` and runs the plan's tests in it."""
-    topology = cell_topology(path, image, strict)
+    topology = cell_topology(path, image, strict, plan.vcpus)
     lab_args: dict[str, Any] = {"workdir": workdir, "qemu": qemu, "assets": assets}
     if path == "qsd":
         return await _run_qsd(lab_args, image, topology, plan)
@@ -234,6 +238,7 @@ async def run(qemu: Path, assets: GuestAssets, workdir: Path, plan: BenchPlan | 
     return {"table": summarize(samples, plan.workloads, paths), "rounds": plan.rounds,
             "paths": list(paths), "skipped_paths": skipped,
             "workloads": [w.name for w in plan.workloads], "runtime_s": plan.runtime,
+            "vcpus": plan.vcpus,
             "machine": machine_description(), "qemu": str(qemu),
             "qsd": _qsd_version(), "kernel": str(assets.kernel), "micro": micro,
             "elapsed_s": round(time.monotonic() - t0, 1)}
