@@ -99,6 +99,14 @@ def segments(segs: list[tuple[int, int]], offset: int, length: int
 def gather(dma: DmaSpace, segs: list[tuple[int, int]], offset: int = 0,
            length: int | None = None) -> bytes:
     """Reads ``length`` bytes (default: all) starting ``offset`` bytes into ``segs``."""
+    if len(segs) == 1:  # the common case, without the generator
+        addr, total = segs[0]
+        if length is None:
+            length = max(total - offset, 0)
+        if offset + length > total:
+            raise VirtqueueError(
+                f"read of {length} bytes at {offset} beyond a {total}-byte buffer")
+        return dma.read(addr + offset, length) if length > 0 else b""
     total = sum(n for _, n in segs)
     if length is None:
         length = max(total - offset, 0)
@@ -110,6 +118,9 @@ def gather(dma: DmaSpace, segs: list[tuple[int, int]], offset: int = 0,
 def scatter(dma: DmaSpace, segs: list[tuple[int, int]], data: bytes | bytearray | memoryview,
             offset: int = 0) -> None:
     """Writes ``data`` starting ``offset`` bytes into ``segs``; it must fit."""
+    if len(segs) == 1 and offset == 0 and 0 < len(data) <= segs[0][1]:
+        dma.write(segs[0][0], data)  # the common case, without the generator
+        return
     total = sum(n for _, n in segs)
     if offset + len(data) > total:
         raise VirtqueueError(
