@@ -213,14 +213,20 @@ def flat(samples: list[dict[str, Any]], key: str, slack: float) -> bool:
 
 def ok(report: dict[str, Any]) -> bool:
     """What a soak must show: the guest's exit status 0 with no bad block, every block
-    the guest wrote right in the image, host actions done, flat RSS (10 %) and fds,
-    no traceback."""
+    the guest wrote right in the image, host actions done, the backend's own memory
+    (anonymous RSS) within 10 % and its fds flat, no traceback.
+
+    The whole VmRSS is reported, not checked: it also counts the guest RAM pages the
+    backend's mapping of the guest's memfd has touched, which grow with the guest's
+    I/O (new buffers on new pages) up to the guest's RAM, whatever the backend keeps
+    (:func:`_resources`)."""
     g = report["guest"]
     return bool(report["guest_status"] == 0 and g.get("bad", 1) == 0
             and g.get("verified") == report["host_blocks_checked"]
             and report["host_blocks_good"] == report["host_blocks_checked"] > 0
             and report["host"]["mappings_taken"] > 0 and report["host"]["faults_injected"] > 0
-            and flat(report["samples"], "rss_kib", 0.10) and flat(report["samples"], "fds", 0)
+            and flat(report["samples"], "rss_anon_kib", 0.10)
+            and flat(report["samples"], "fds", 0)
             and report["backend_tracebacks"] == 0)
 
 
@@ -239,10 +245,10 @@ async def run(plan: SoakPlan, workdir: Path | None = None, progress: Any = None
 def markdown(reports: list[dict[str, Any]]) -> str:
     """The soak's summary and its samples, as Markdown."""
     lines = ["| mode | seconds | writes | reads | retries (w/r) | blocks checked (guest, host) "
-             "| faults injected | mappings taken | guest I/O errors | RSS KiB first -> last "
-             "| fds first -> last | tracebacks | ok |",
+             "| faults injected | mappings taken | guest I/O errors | anon RSS KiB first -> last "
+             "| VmRSS KiB first -> last | fds first -> last | tracebacks | ok |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-             "| --- |"]
+             "| ---: | --- |"]
     for r in reports:
         g, s = r["guest"], r["samples"]
         lines.append(
@@ -250,7 +256,8 @@ def markdown(reports: list[dict[str, Any]]) -> str:
             f"{g.get('write_retries')}/{g.get('read_retries')} | "
             f"{g.get('verified')}, {r['host_blocks_good']}/{r['host_blocks_checked']} | "
             f"{r['host']['faults_injected']} | {r['host']['mappings_taken']} | "
-            f"{r['guest_io_errors']} | {s[0]['rss_kib']} -> {s[-1]['rss_kib']} | "
+            f"{r['guest_io_errors']} | {s[0]['rss_anon_kib']} -> {s[-1]['rss_anon_kib']} | "
+            f"{s[0]['rss_kib']} -> {s[-1]['rss_kib']} | "
             f"{s[0]['fds']} -> {s[-1]['fds']} | {r['backend_tracebacks']} | "
             f"{'yes' if ok(r) else 'NO'} |")
     for r in reports:
