@@ -12,8 +12,10 @@ The database holds a base (a snapshot: the RAM regions, the merged ranges, the
 generation) and the log of every change since, one row each (:class:`Stage2Change`).
 A backend started on it restores the base and replays the log: the builder is
 deterministic, so it gets the same tables and generation as before. When the
-log is long (:data:`COMPACT_AT` rows) that start writes a new base and empties
-the log (the snapshot walks every leaf, too slow for each change).
+log is long (:data:`COMPACT_AT` rows), at a start or while the backend runs,
+a new base is written and the log emptied (the snapshot walks every leaf: too
+slow for each change, cheap once in thousands), so that neither the database
+nor a restart's replay grows with the backend's uptime.
 
 ``synchronous=NORMAL``: a committed change survives the process being killed
 (SIGKILL included: the WAL is in the page cache); a host crash or power loss
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 FILE_NAME = "stage2.sqlite"
 """The database's name in a backend's state directory."""
 COMPACT_AT = 4096
-"""Rows of log past which a start writes a new base."""
+"""Rows of log past which a new base is written (at a start, or after a change)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -58,6 +60,9 @@ class Stage2Store:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
         self.commits = 0
+        self.compactions = 0
+        self._stage2: Stage2 | None = None
+        self._log_rows = 0
 
     @classmethod
     def in_dir(cls, state_dir: Path) -> Stage2Store:
@@ -88,10 +93,12 @@ class Stage2Store:
             log.info("stage 2 restored from %s: base generation %d and %d changes, "
                      "generation %d", self.path, meta["generation"], len(changes),
                      stage2.generation)
+            self._log_rows = len(changes)
             if len(changes) >= COMPACT_AT:
                 self.compact(stage2)
         else:
             self.compact(stage2)
+        self._stage2 = stage2
         stage2.on_change = self.record
         return restored
 
@@ -105,6 +112,12 @@ class Stage2Store:
             raise Stage2Error(f"the change was made but not saved in {self.path}: {e}"
                               ) from None
         self.commits += 1
+        self._log_rows += 1
+        if self._log_rows >= COMPACT_AT and self._stage2 is not None:
+            try:  # the change is saved already; a failed compaction only waits
+                self.compact(self._stage2)
+            except sqlite3.Error as e:
+                log.error("stage 2 in %s not compacted: %s", self.path, e)
 
     def compact(self, stage2: Stage2) -> None:
         """Makes ``stage2`` as it is now the base, and empties the log."""
@@ -118,6 +131,8 @@ class Stage2Store:
             self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                                 [("ias", stage2.ias), ("oas", stage2.config.oas),
                                  ("generation", stage2.generation)])
+        self._log_rows = 0
+        self.compactions += 1
 
     def close(self) -> None:
         """Closes the database (what was committed stays)."""

@@ -67,10 +67,10 @@ def test_a_failed_change_is_saved_with_its_generation(tmp_path):
 
 
 def test_a_long_log_becomes_the_base(tmp_path, monkeypatch):
-    monkeypatch.setattr(stage2_store, "COMPACT_AT", 3)
     s2 = Stage2()
     Stage2Store.in_dir(tmp_path).attach(s2)
-    _changed(s2)
+    _changed(s2)  # 4 rows of log, under COMPACT_AT: kept as they are
+    monkeypatch.setattr(stage2_store, "COMPACT_AT", 3)  # a start then finds them too many
     again = Stage2()
     store = Stage2Store.in_dir(tmp_path)
     store.attach(again)
@@ -115,3 +115,21 @@ def test_a_change_survives_sigkill(tmp_path):
     assert again.generation == int(proc.stdout)
     with pytest.raises(VmsaFault):  # the hole is still a hole
         again.walk(0x4010_0000, None)
+
+
+def test_a_long_running_backend_compacts_its_log(tmp_path, monkeypatch):
+    monkeypatch.setattr(stage2_store, "COMPACT_AT", 8)
+    store = Stage2Store.in_dir(tmp_path)
+    s2 = Stage2()
+    store.attach(s2)
+    _changed(s2)
+    for i in range(20):  # pages taken away and given back, as the soak does
+        s2.unmap(0x4000_0000 + (i << 12), 0x1000)
+        s2.map(0x4000_0000 + (i << 12), 0x4000_0000 + (i << 12), 0x1000, Perm.R | Perm.W)
+    assert store.commits == 44 and store.compactions == 1 + 44 // 8
+    rows = store.db.execute("SELECT COUNT(*) FROM log").fetchone()[0]
+    assert rows == 44 % 8
+    store.close()
+    again = Stage2()
+    Stage2Store.in_dir(tmp_path).attach(again)
+    assert _state(again) == _state(s2)
