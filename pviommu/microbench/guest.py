@@ -106,11 +106,16 @@ class Ring:
 
     def post(self, head: int) -> None:
         """Makes chain ``head`` available; its completion will be interrupted."""
+        # One copy per field, never pack_into: it zeroes its destination first, and the
+        # device reading the available index at that instant would see it go back.
         mem, off = self.ram.mem, self._off
-        U16.pack_into(mem, self._used_event, self._last_used)
-        U16.pack_into(mem, off + 16 * self.size + 4 + 2 * (self._avail_idx % self.size), head)
+        at = self._used_event
+        mem[at:at + 2] = U16.pack(self._last_used)
+        at = off + 16 * self.size + 4 + 2 * (self._avail_idx % self.size)
+        mem[at:at + 2] = U16.pack(head)
         self._avail_idx = (self._avail_idx + 1) & 0xFFFF
-        U16.pack_into(mem, off + 16 * self.size + 2, self._avail_idx)
+        at = off + 16 * self.size + 2
+        mem[at:at + 2] = U16.pack(self._avail_idx)
 
     def completed(self) -> list[tuple[int, int]]:
         """The (head, written length) entries the device used since the last call."""
