@@ -97,6 +97,7 @@ class Stage2:
         self.walker: Walker = self.builder.walker()
         self.generation = 0
         self.ram: list[tuple[int, int]] = []  # adopted guest RAM regions (gpa, size)
+        self._ranges: tuple[tuple[int, int], tuple[Stage2Range, ...]] | None = None
         self.on_change: Callable[[Stage2Change], None] | None = None
         """Called after every change (a failed one included: it may have split or
         dropped entries), e.g. to persist it."""
@@ -212,19 +213,26 @@ class Stage2:
         return self.walker.walk(ipa, access)
 
     def ranges(self, start: int = 0, end: int = (1 << 64) - 1) -> list[Stage2Range]:
-        """The mapped ranges overlapping IPA ``[start, end]``, merged."""
-        out: list[Stage2Range] = []
-        for m in self.builder.mappings():
-            perm = s2_permissions(m.attrs)
-            last = out[-1] if out else None
-            if (last is not None and last.ipa + last.size == m.ia
-                    and last.pa + last.size == m.oa and last.perm == perm):
-                out[-1] = Stage2Range(last.ipa, last.pa, last.size + m.size, perm)
-            elif m.ia > end:
-                break
-            else:
-                out.append(Stage2Range(m.ia, m.oa, m.size, perm))
-        return [r for r in out if r.ipa + r.size > start]
+        """The mapped ranges overlapping IPA ``[start, end]``, merged.
+
+        The merged list is walked once per change of stage 2 (its generation, or
+        the RAM adopted) and kept: a QMP client may ask for it a hundred times a
+        second while the guest does I/O.
+        """
+        key = (self.generation, len(self.ram))
+        cached = self._ranges
+        if cached is None or cached[0] != key:
+            out: list[Stage2Range] = []
+            for m in self.builder.mappings():
+                perm = s2_permissions(m.attrs)
+                last = out[-1] if out else None
+                if (last is not None and last.ipa + last.size == m.ia
+                        and last.pa + last.size == m.oa and last.perm == perm):
+                    out[-1] = Stage2Range(last.ipa, last.pa, last.size + m.size, perm)
+                else:
+                    out.append(Stage2Range(m.ia, m.oa, m.size, perm))
+            cached = self._ranges = (key, tuple(out))
+        return [r for r in cached[1] if r.ipa <= end and r.ipa + r.size > start]
 
     @property
     def tables_bytes(self) -> int:

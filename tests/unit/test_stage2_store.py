@@ -133,3 +133,18 @@ def test_a_long_running_backend_compacts_its_log(tmp_path, monkeypatch):
     again = Stage2()
     Stage2Store.in_dir(tmp_path).attach(again)
     assert _state(again) == _state(s2)
+
+
+def test_the_ranges_follow_every_change():
+    s2 = Stage2()
+    assert s2.ranges() == []
+    s2.adopt(RAM)
+    assert [(r.ipa, r.size) for r in s2.ranges()] == [(0x4000_0000, 64 << 20)]
+    assert s2.ranges() is not s2.ranges()  # a list of its own each time
+    s2.unmap(0x4010_0000, 0x1000)
+    assert [(r.ipa, r.size) for r in s2.ranges()] == [
+        (0x4000_0000, 0x10_0000), (0x4010_1000, (64 << 20) - 0x10_1000)]
+    s2.protect(0x4000_0000, 0x1000, Perm.R)
+    assert s2.ranges(0, 0x4000_0fff)[0].perm == Perm.R
+    assert s2.ranges(0x4010_0000, 0x4010_0fff) == []  # the hole
+    assert [r.ipa for r in s2.ranges(0x4010_0000, 0x4010_1000)] == [0x4010_1000]
