@@ -12,9 +12,10 @@ that a drift of the machine falls on both sides.
 
 The noise is the spread of the runs without polling: the polled median is
 within the noise when it lies between the lowest and the highest unpolled run.
-Beside it: the polls' answer times, the rate reached, and the backend's CPU
-per second with and without polling (from /proc). A measurement, not a test:
-the verdict is reported, nothing is asserted.
+Beside it: the polls' answer times, the rate reached, the backend's CPU per
+second with and without polling (from /proc), and this process's own (the
+poller's client side: on a 2-core host it competes with the guest too). A
+measurement, not a test: the verdict is reported, nothing is asserted.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ async def _job(lab: Lab, w: Workload, plan: LoadPlan, poll: bool) -> dict[str, A
     socket = lab.backend_qmp_socket
     assert socket is not None
     stop = asyncio.Event()
-    cpu0, t0 = _cpu_seconds(pid), time.monotonic()
+    cpu0, t0, own0 = _cpu_seconds(pid), time.monotonic(), time.process_time()
     async with contextlib.AsyncExitStack() as stack:
         poller = None
         task = None
@@ -163,11 +164,13 @@ async def _job(lab: Lab, w: Workload, plan: LoadPlan, poll: bool) -> dict[str, A
                 await task
     seconds = time.monotonic() - t0
     cpu = _cpu_seconds(pid) - cpu0
+    own = time.process_time() - own0  # this process: the lab's console reader, the poller
     if not result.ok:
         raise GuestFailed(f"qmp-load {w.name}: fio failed with status {result.status}: "
                           f"{result.output.strip()[-500:]} (log {lab.console_log})")
     row = {"workload": w.name, "polled": poll, **job_result(result.output),
-           "backend_cpu_ms_per_s": round(cpu / seconds * 1000, 1)}
+           "backend_cpu_ms_per_s": round(cpu / seconds * 1000, 1),
+           "client_cpu_ms_per_s": round(own / seconds * 1000, 1)}
     if poller is not None:
         row["poller"] = poller.summary(seconds)
     return row
@@ -230,7 +233,13 @@ def compare(runs: list[dict[str, Any]], workloads: tuple[Workload, ...]
             "poll_errors": sum(p["error_count"] for p in polls),
             "missed_ticks": sum(p["missed_ticks"] for p in polls),
             "backend_cpu_ms_per_s_unpolled": statistics.median(cpu_off),
-            "backend_cpu_ms_per_s_polled": statistics.median(cpu_on)})
+            "backend_cpu_ms_per_s_polled": statistics.median(cpu_on),
+            "client_cpu_ms_per_s_unpolled": statistics.median(
+                r.get("client_cpu_ms_per_s", 0.0) for r in runs
+                if r["workload"] == w.name and not r["polled"]),
+            "client_cpu_ms_per_s_polled": statistics.median(
+                r.get("client_cpu_ms_per_s", 0.0) for r in runs
+                if r["workload"] == w.name and r["polled"])})
     return out
 
 
@@ -259,8 +268,8 @@ def markdown(reports: list[dict[str, Any]], plan: LoadPlan) -> str:
              f"({'strict' if plan.strict else 'lazy'}, {plan.vcpus} vCPU).", "",
              "| mode | workload | unit | unpolled (median) | polled (median) | change "
              "| noise (unpolled range) | within noise | polls/s | poll p50 / p99 ms "
-             "| backend CPU ms/s unpolled -> polled |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+             "| backend CPU ms/s unpolled -> polled | lab process (poller) CPU ms/s |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     for r in reports:
         for c in r["compare"]:
             lines.append(
@@ -269,7 +278,8 @@ def markdown(reports: list[dict[str, Any]], plan: LoadPlan) -> str:
                 f"{_verdict(c['within_noise'])} | {c['poll_hz']:g} | "
                 f"{c['poll_p50_ms']:g} / {c['poll_p99_ms']:g} | "
                 f"{c['backend_cpu_ms_per_s_unpolled']:g} -> "
-                f"{c['backend_cpu_ms_per_s_polled']:g} |")
+                f"{c['backend_cpu_ms_per_s_polled']:g} | "
+                f"{c['client_cpu_ms_per_s_unpolled']:g} -> {c['client_cpu_ms_per_s_polled']:g} |")
     lines += ["", "Every run (in order):", "",
               "| mode | pair | workload | polled | IOPS | MiB/s | clat p99 µs "
               "| backend CPU ms/s | polls/s |",
