@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from ..lab import Endpoint, Iommu, Lab, Topology
 from ..lab.state import query
 from ..machine.console import GuestFailed
 from ..machine.fio import fio_files
+from ..microbench.stats import cpu_seconds
 from .bench_report import metric
 from .workloads import BY_NAME, Workload, job_result
 
@@ -65,12 +65,6 @@ def _topology(mode: str, plan: LoadPlan) -> Topology:
                     endpoints=(Endpoint("blk", size=plan.image_bytes),),
                     load_modules=modules, files=fio_files(), memory=1 << 30,
                     vcpus=plan.vcpus)
-
-
-def _cpu_seconds(pid: int) -> float:
-    """The process's user + system CPU time so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Poller:
@@ -147,7 +141,7 @@ async def _job(lab: Lab, w: Workload, plan: LoadPlan, poll: bool) -> dict[str, A
     socket = lab.backend_qmp_socket
     assert socket is not None
     stop = asyncio.Event()
-    cpu0, t0, own0 = _cpu_seconds(pid), time.monotonic(), time.process_time()
+    cpu0, t0, own0 = cpu_seconds(pid), time.monotonic(), time.process_time()
     async with contextlib.AsyncExitStack() as stack:
         poller = None
         task = None
@@ -163,7 +157,7 @@ async def _job(lab: Lab, w: Workload, plan: LoadPlan, poll: bool) -> dict[str, A
             if task is not None:
                 await task
     seconds = time.monotonic() - t0
-    cpu = _cpu_seconds(pid) - cpu0
+    cpu = cpu_seconds(pid) - cpu0
     own = time.process_time() - own0  # this process: the lab's console reader, the poller
     if not result.ok:
         raise GuestFailed(f"qmp-load {w.name}: fio failed with status {result.status}: "
