@@ -62,9 +62,8 @@ def _resources(pid: int) -> dict[str, int]:
     pages of the guest's RAM (the frontend's shared memfd, mapped whole by each
     transport that needs it) that the backend has touched: it grows with every new
     guest page a DMA lands on, up to the guest's RAM size per mapping, and is QEMU's
-    memory, not the backend's. ``rss_anon_kib``
-    is the backend's own heap (Python objects, malloc arenas, thread stacks): a leak
-    shows there.
+    memory, not the backend's. ``rss_anon_kib`` is the backend's own heap (Python
+    objects, malloc arenas, thread stacks): a leak shows there.
     """
     out = dict.fromkeys(_RSS_FIELDS.values(), 0)
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
