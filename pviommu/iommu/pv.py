@@ -25,11 +25,10 @@ U64_MAX = (1 << 64) - 1
 U32_MAX = (1 << 32) - 1
 ITS_DOORBELL = (0x08090000, 0x0809FFFF)
 
-
-
 _NEEDED_FLAGS = tuple((MAP_F_WRITE if a & Access.WRITE else 0)
                       | (MAP_F_READ if a & (Access.READ | Access.EXEC) else 0) for a in range(8))
 """The MAP flags an access needs, by the access's value (no IntFlag work per DMA)."""
+
 
 class Status(enum.IntEnum):
     """virtio-iommu request status codes."""
