@@ -234,6 +234,11 @@ def _at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def _names(text: str) -> list[str]:
+    """An argparse type: a comma-separated list of names (empty ones dropped)."""
+    return [x for x in text.split(",") if x]
+
+
 def _positive(text: str) -> float:
     """An argparse type: a number above 0."""
     try:
@@ -555,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("soak", help="guest I/O under faults and revocations for minutes: "
                                     "nothing lost, nothing leaked (exit 1 otherwise)")
     p.add_argument("--minutes", type=_positive, default=10, help="per mode (default %(default)g)")
-    p.add_argument("--modes", type=lambda s: [x for x in s.split(",") if x],
+    p.add_argument("--modes", type=_names,
                    default=list(soak.MODES), help="some of pv,vsmmu (default: both)")
     p.add_argument("--json", action="store_true", help="print the reports as JSON")
     p.add_argument("--workdir", type=Path, help="where the labs' files go (kept)")
@@ -569,9 +574,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="polls a second (default %(default)g)")
     p.add_argument("--runtime", type=_positive, default=qmp_load.LoadPlan.runtime,
                    metavar="SECONDS", help="seconds each fio run lasts (default %(default)g)")
-    p.add_argument("--modes", type=lambda s: [x for x in s.split(",") if x],
+    p.add_argument("--modes", type=_names,
                    default=list(qmp_load.MODES), help="some of pv,vsmmu (default: both)")
-    p.add_argument("--workloads", type=lambda s: [x for x in s.split(",") if x],
+    p.add_argument("--workloads", type=_names,
                    default=",".join(w.name for w in qmp_load.LoadPlan().workloads),
                    help="comma-separated fio workloads (default: %(default)s)")
     p.add_argument("--lazy", action="store_true", help="lazy IOTLB flushes (default strict)")
@@ -596,11 +601,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      "paths against QEMU's built-in virtio-iommu + virtio-blk")
     p.add_argument("--rounds", type=int, default=bench.BenchPlan.rounds,
                    help="guests per cell; the table shows medians (default %(default)s)")
-    p.add_argument("--paths", type=lambda s: [x for x in s.split(",") if x],
+    p.add_argument("--paths", type=_names,
                    default=list(bench.PATHS),
                    help="comma-separated paths to measure (default: all of "
                         f"{','.join(bench.PATHS)}; qsd needs qemu-storage-daemon)")
-    p.add_argument("--workloads", type=lambda s: [x for x in s.split(",") if x],
+    p.add_argument("--workloads", type=_names,
                    default=list(BY_NAME),
                    help=f"comma-separated fio workloads (default: all of {','.join(BY_NAME)})")
     p.add_argument("--vcpus", type=_at_least(1), default=bench.BenchPlan.vcpus,
