@@ -32,7 +32,7 @@ from ..kick_thread import KickThread
 from ..unix_server import UnixServer
 from . import protocol as p
 from .backend_channel import BackendChannel, adopt_socket
-from .inflight import InflightRegion, create_region
+from .inflight import InflightRegion, check_geometry, create_region
 from .iotlb import DeviceIotlb
 from .protocol import ProtocolFeature as PF
 from .protocol import Request as R
@@ -532,11 +532,13 @@ class VhostUserConnection:
         self._require(PF.INFLIGHT_SHMFD)
         size, offset, num_queues, queue_size = p.INFLIGHT.unpack(
             self._payload(msg, p.INFLIGHT.size))
-        if not 1 <= num_queues <= len(self.rings):
+        if num_queues > len(self.rings):
             raise Refused(f"in-flight region for {num_queues} queues (the device has "
                           f"{len(self.rings)})")
-        if not 1 <= queue_size <= 32768 or queue_size & (queue_size - 1):
-            raise Refused(f"in-flight queue size {queue_size} is not a power of 2 up to 32768")
+        try:
+            check_geometry(num_queues, queue_size)
+        except ValueError as e:
+            raise Refused(str(e)) from None
         return size, offset, num_queues, queue_size
 
     def _do_get_inflight_fd(self, msg: p.Message) -> bytes:

@@ -48,6 +48,16 @@ def _store(view: memoryview, at: int, value: int) -> None:
     view[at:at + 2] = _U16.pack(value)
 
 
+def check_geometry(num_queues: int, queue_size: int) -> None:
+    """ValueError unless a region for ``num_queues`` queues of ``queue_size`` makes sense:
+    at least one queue, a queue size that is a power of 2 up to MAX_QUEUE_SIZE."""
+    if not 1 <= queue_size <= MAX_QUEUE_SIZE or queue_size & (queue_size - 1):
+        raise ValueError(f"in-flight queue size {queue_size} is not a power of 2 up to "
+                         f"{MAX_QUEUE_SIZE}")
+    if num_queues < 1:
+        raise ValueError("in-flight region for no queue")
+
+
 def queue_region_size(queue_size: int) -> int:
     """Bytes of one queue's region (libvhost-user's ``vu_inflight_queue_size``)."""
     need = HEADER.size + DESC.size * queue_size
@@ -136,11 +146,7 @@ class InflightRegion:
 
     def __init__(self, fd: int, mmap_size: int, mmap_offset: int, num_queues: int,
                  queue_size: int) -> None:
-        if not 1 <= queue_size <= MAX_QUEUE_SIZE or queue_size & (queue_size - 1):
-            raise ValueError(f"inflight queue size {queue_size} is not a power of 2 up to "
-                             f"{MAX_QUEUE_SIZE}")
-        if num_queues < 1:
-            raise ValueError("inflight region for no queue")
+        check_geometry(num_queues, queue_size)
         per_queue = queue_region_size(queue_size)
         if mmap_size < per_queue * num_queues:
             raise ValueError(f"inflight region of {mmap_size} bytes is smaller than "
