@@ -103,14 +103,20 @@ def per_io(deltas: Mapping[str, int], kinds: tuple[str, ...], ios: int) -> dict[
             "by_kind": {k: round(v / n, 2) for k, v in sorted(deltas.items()) if v}}
 
 
+async def prepare_guest(lab: Lab, workloads: tuple[Workload, ...]) -> None:
+    """Waits for the guest's disk (/dev/vda) and reserves the huge pages the workloads
+    need."""
+    await lab.run("for i in $(seq 50); do test -b /dev/vda && break; sleep 0.1; done; "
+                  "test -b /dev/vda", check=True)
+    if any(w.huge for w in workloads):
+        await lab.run(f"echo {HUGE_PAGES} > /proc/sys/vm/nr_hugepages", check=True)
+
+
 async def run_workloads(lab: Lab, plan: BenchPlan, kinds: tuple[str, ...] = ()
                         ) -> list[dict[str, Any]]:
     """Runs the plan's workloads in ``lab``'s guest, one fio job each, and counts the
     backend's round trips of ``kinds`` around each (when the lab has a backend)."""
-    await lab.run("for i in $(seq 50); do test -b /dev/vda && break; sleep 0.1; done; "
-                  "test -b /dev/vda", check=True)
-    if any(w.huge for w in plan.workloads):
-        await lab.run(f"echo {HUGE_PAGES} > /proc/sys/vm/nr_hugepages", check=True)
+    await prepare_guest(lab, plan.workloads)
     out = []
     for w in plan.workloads:
         before = await lab.counters()

@@ -34,7 +34,8 @@ from ..lab import Endpoint, Iommu, Lab, Topology
 from ..lab.state import query
 from ..machine.console import GuestFailed
 from ..machine.fio import fio_files
-from ..microbench.stats import cpu_seconds
+from ..microbench.stats import cpu_seconds, summary
+from .bench import prepare_guest
 from .bench_report import metric
 from .workloads import BY_NAME, Workload, job_result
 
@@ -79,7 +80,7 @@ class Poller:
         self.mode = mode
         self.period = 1 / hz
         self.client = QMPClient("qmp-load-poller")
-        self.latencies: list[float] = []
+        self.latencies_ns: list[int] = []
         self.missed = 0
         self.errors: list[str] = []
         self.mappings_seen = 0
@@ -107,12 +108,12 @@ class Poller:
         """Polls until ``stop``."""
         next_tick = time.monotonic()
         while not stop.is_set():
-            t0 = time.monotonic()
+            t0 = time.monotonic_ns()
             try:
                 await self.poll_once()
             except Exception as exc:  # reported: a poll that fails is a finding
                 self.errors.append(f"{type(exc).__name__}: {exc}")
-            self.latencies.append(time.monotonic() - t0)
+            self.latencies_ns.append(time.monotonic_ns() - t0)
             next_tick += self.period
             now = time.monotonic()
             if now > next_tick:
@@ -124,12 +125,12 @@ class Poller:
 
     def summary(self, seconds: float) -> dict[str, Any]:
         """Polls done, the rate reached, answer times (ms), missed ticks, errors."""
-        lat = sorted(self.latencies)
-
-        def pct(p: float) -> float | None:
-            return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1000, 2) if lat else None
-        return {"polls": len(lat), "hz": round(len(lat) / seconds, 1) if seconds else None,
-                "p50_ms": pct(0.5), "p99_ms": pct(0.99), "missed_ticks": self.missed,
+        lat = summary(self.latencies_ns)
+        n = int(lat["n"])
+        return {"polls": n, "hz": round(n / seconds, 1) if seconds else None,
+                "p50_ms": round(lat["median_us"] / 1000, 2) if n else None,
+                "p99_ms": round(lat["p99_us"] / 1000, 2) if n else None,
+                "missed_ticks": self.missed,
                 "errors": self.errors[:5], "error_count": len(self.errors),
                 "mappings_last_seen": self.mappings_seen}
 
@@ -175,10 +176,7 @@ async def load_mode(mode: str, plan: LoadPlan, workdir: Path | None = None,
     """One mode's pairs of runs, and their comparison per workload."""
     runs: list[dict[str, Any]] = []
     async with Lab(_topology(mode, plan), workdir=workdir) as lab:
-        await lab.run("for i in $(seq 50); do test -b /dev/vda && break; sleep 0.1; done; "
-                      "test -b /dev/vda", check=True)
-        if any(w.huge for w in plan.workloads):
-            await lab.run("echo 64 > /proc/sys/vm/nr_hugepages", check=True)
+        await prepare_guest(lab, plan.workloads)
         for pair in range(plan.pairs):
             order = (False, True) if pair % 2 == 0 else (True, False)
             for w in plan.workloads:
